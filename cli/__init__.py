@@ -1,0 +1,1 @@
+"""fedmmkt's command line (installed as ``fedmmkt_cli``)."""

@@ -1,0 +1,191 @@
+"""``fedmmkt``: run, validate, list plugins, print the recipe schema.
+
+User errors (bad recipe, unknown plugin, missing file) exit with status 2 and a message, never a
+traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fedmmkt",
+    help="Federated Multi-modal Knowledge Transfer: co-train a server text-to-image model and client task models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a recipe key, e.g. --set federation.rounds=3 (repeatable)"),
+]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guard(func, *args: Any, **kwargs: Any) -> Any:
+    """Run ``func``; user errors become a message and exit 2, run failures exit 1."""
+    from fedmmkt_core.errors import UserError
+    from fedmmkt_core.runner import RunFailed
+
+    try:
+        return func(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        _fail(_escape(str(exc)), 2)
+    except RunFailed as exc:
+        if _state["debug"]:
+            raise
+        _fail(_escape(f"run failed: {exc}"), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; continue with --resume", 130)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    from fedmmkt_core.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe: exit 0 when valid, 2 with every error otherwise."""
+    loaded = _guard(_load, recipe, set_)
+    out.print(f"[green]ok[/green]: {recipe} is valid ({loaded.num_clients} clients, {loaded.federation.rounds} rounds)")
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default runs/NAME-TIME)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out after its last round")] = False,
+) -> None:
+    """Run a recipe: rounds with progress bars, results in the run directory."""
+    from fedmmkt_core.runner import Runner, default_run_dir
+
+    loaded = _guard(_load, recipe, set_)
+    if resume and out_dir is None:
+        _fail("--resume needs --out RUN_DIR (the directory of the run to continue)")
+    target = out_dir or default_run_dir(loaded)
+    with _Progress() as progress:
+        runner = Runner(loaded, target, resume=resume, events=progress.event)
+        summary = _guard(runner.run)
+    table = Table(title=f"summary ({target})", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, _fmt(value))
+    out.print(table)
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List every registered implementation: kind, name, package, version."""
+    from fedmmkt_core.plugins import get_registry
+
+    registry = _guard(get_registry)
+    rows = [entry.as_dict() for entry in registry]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="fedmmkt plugins")
+    for column in ("kind", "name", "package", "version", "class"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["package"], row["version"], row["class"])
+    out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON schema (with every registered plugin's parameters)."""
+    from fedmmkt_core.plugins import get_registry
+    from fedmmkt_core.recipe import recipe_json_schema
+
+    sys.stdout.write(json.dumps(_guard(recipe_json_schema, _guard(get_registry)), indent=2) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class _Progress:
+    """Progress bars for rounds and phases, fed by the runner's events."""
+
+    def __enter__(self) -> _Progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+            disable=not err.is_terminal,
+        )
+        self.progress.__enter__()
+        self.round_task = None
+        self.phase_tasks: dict[str, Any] = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def event(self, event: str, **data: Any) -> None:
+        p = self.progress
+        if event == "run_start":
+            self.round_task = p.add_task("rounds", total=data["rounds"], completed=data["completed"])
+        elif event == "round_end" and self.round_task is not None:
+            p.update(self.round_task, completed=data["round"])
+            for task in self.phase_tasks.values():
+                p.remove_task(task)
+            self.phase_tasks.clear()
+        elif event == "phase_start":
+            task = self.phase_tasks.get(data["name"])
+            if task is None:
+                self.phase_tasks[data["name"]] = p.add_task(f"  {data['name']}", total=data.get("total"))
+            else:
+                p.reset(task, total=data.get("total"))
+        elif event == "phase_advance" and data["name"] in self.phase_tasks:
+            p.advance(self.phase_tasks[data["name"]], data.get("advance", 1))
+        elif event == "failure":
+            err.print(f"[yellow]client {data['client']} failed in {data['phase']}[/yellow]: {_escape(data['reason'])}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

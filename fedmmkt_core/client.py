@@ -1,0 +1,132 @@
+"""The client side of every backend: one client's private data and model, answering messages.
+
+A backend (in-process, Flower...) only moves messages; what a client does with them lives here,
+so every backend runs the same client code. Message types:
+
+``fit``       train locally. config: ``seed``, optional ``kd_weight``/``temperature``,
+              ``return_weights``; arrays: optional ``weights/*`` (start from these),
+              ``distill_images`` + ``distill_soft_labels``. Reply: ``num_samples`` and metrics,
+              plus ``weights/*`` when asked (FedAvg only).
+``predict``   arrays: ``images`` uint8. Reply: ``logits`` float32, ``class_counts``, ``num_samples``.
+``evaluate``  arrays: optional ``weights/*``. Reply: ``accuracy``, ``num_test``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .data import DistillSet, ImageSet, TaskSpec
+from .interfaces import ClientModel
+from .rundir import load_safetensors, save_safetensors
+from .wire import Message, MessageError, with_prefix
+
+MAX_SYNTHETIC_IMAGES = 100_000
+
+
+class ClientRuntime:
+    """One client: its partition, the held-out test split and its task model."""
+
+    def __init__(self, client_id: int, model: ClientModel, train: ImageSet, test: ImageSet, task: TaskSpec):
+        self.client_id = client_id
+        self.model = model
+        self.train = train
+        self.test = test
+        self.task = task
+        self.weights_changed = False
+
+    def handle(self, message: Message) -> Message:
+        handler = {"fit": self._fit, "predict": self._predict, "evaluate": self._evaluate}.get(message.type)
+        if handler is None:
+            raise MessageError(f"client {self.client_id} cannot handle message type '{message.type}'")
+        return handler(message)
+
+    def _images(self, message: Message, name: str) -> np.ndarray:
+        size, channels = self.task.image_size, self.task.channels
+        images = message.array(name, np.uint8, (None, size, size, channels))
+        if len(images) > MAX_SYNTHETIC_IMAGES:
+            raise MessageError(f"{len(images)} images exceed the limit of {MAX_SYNTHETIC_IMAGES}")
+        return images
+
+    def _maybe_set_weights(self, message: Message) -> None:
+        weights = message.weights()
+        if weights:
+            self.model.set_weights(weights)
+            self.weights_changed = True
+
+    def _fit(self, message: Message) -> Message:
+        self._maybe_set_weights(message)
+        distill = None
+        if "distill_images" in message.arrays:
+            images = self._images(message, "distill_images")
+            soft = message.array("distill_soft_labels", np.float32, (len(images), self.task.num_classes), finite=True)
+            distill = DistillSet(
+                images=images,
+                soft_labels=soft,
+                weight=float(message.config.get("kd_weight", 1.0)),
+                temperature=float(message.config.get("temperature", 1.0)),
+            )
+        metrics = self.model.fit(self.train, distill, seed=int(message.config["seed"]))
+        self.weights_changed = True
+        arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
+        config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
+        return Message("fit_reply", config, arrays)
+
+    def _predict(self, message: Message) -> Message:
+        images = self._images(message, "images")
+        logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)
+        counts = self.train.class_counts(self.task.num_classes)
+        return Message("predict_reply", {"num_samples": len(self.train)}, {"logits": logits, "class_counts": counts})
+
+    def _evaluate(self, message: Message) -> Message:
+        self._maybe_set_weights(message)
+        logits = self.model.predict_logits(self.test.images)
+        accuracy = float((np.argmax(logits, axis=1) == self.test.labels).mean()) if len(self.test) else float("nan")
+        return Message("evaluate_reply", {"accuracy": accuracy, "num_test": len(self.test)})
+
+
+class ClientStateStore:
+    """Client weights on disk, one file per client per round, so a run resumes at a round boundary.
+
+    Weights written during round r are stored as ``client_{k}.r{r}.safetensors``; resuming after
+    round r loads, for each client, the newest file of a round <= r and ignores later ones.
+    """
+
+    _pattern = re.compile(r"client_(\d+)\.r(\d+)\.safetensors$")
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, client_id: int, round_index: int, weights: dict[str, np.ndarray]) -> None:
+        save_safetensors(self.root / f"client_{client_id}.r{round_index}.safetensors", weights)
+
+    def _rounds(self, client_id: int) -> list[int]:
+        rounds = []
+        for path in self.root.glob(f"client_{client_id}.r*.safetensors"):
+            match = self._pattern.search(path.name)
+            if match and int(match.group(1)) == client_id:
+                rounds.append(int(match.group(2)))
+        return sorted(rounds)
+
+    def load(self, client_id: int, up_to_round: int) -> dict[str, np.ndarray] | None:
+        usable = [r for r in self._rounds(client_id) if r <= up_to_round]
+        if not usable:
+            return None
+        return load_safetensors(self.root / f"client_{client_id}.r{usable[-1]}.safetensors")
+
+    def discard_from(self, round_index: int) -> None:
+        """Delete files written in round ``round_index`` or later (left by an interrupted round)."""
+        for path in self.root.glob("client_*.r*.safetensors"):
+            match = self._pattern.search(path.name)
+            if match and int(match.group(2)) >= round_index:
+                path.unlink(missing_ok=True)
+
+    def prune(self, client_id: int, keep_round: int) -> None:
+        """Delete files older than the newest one of a round <= ``keep_round``."""
+        rounds = self._rounds(client_id)
+        usable = [r for r in rounds if r <= keep_round]
+        for r in usable[:-1]:
+            (self.root / f"client_{client_id}.r{r}.safetensors").unlink(missing_ok=True)

@@ -1,0 +1,79 @@
+"""Plain containers for images and labels. numpy only, so every framework can use them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 ``[N, H, W, C]`` with integer labels ``[N]`` and optional captions."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    captions: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.shape != (len(self.images),):
+            raise DataError(f"labels must have shape ({len(self.images)},), got {self.labels.shape}")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise DataError(f"{len(self.captions)} captions for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        captions = [self.captions[i] for i in idx] if self.captions is not None else None
+        return ImageSet(self.images[idx], self.labels[idx], captions)
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What every component needs to know about the task: classes and image geometry."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class DataSplits:
+    """A dataset cut into the splits of the evaluation protocol.
+
+    ``train`` is partitioned among the clients; ``test`` is the held-out split every client is
+    evaluated on; ``oracle`` is held out from every party and trains the evaluation oracle;
+    ``public`` is what the server may pre-train its generator on (it may come from another domain).
+    """
+
+    task: TaskSpec
+    train: ImageSet
+    test: ImageSet
+    oracle: ImageSet | None = None
+    public: ImageSet | None = None
+    extras: dict[str, ImageSet] = field(default_factory=dict)
+
+
+@dataclass
+class DistillSet:
+    """Synthetic images with the federation's aggregated soft labels, sent to clients to distil."""
+
+    images: np.ndarray
+    soft_labels: np.ndarray
+    weight: float
+    temperature: float

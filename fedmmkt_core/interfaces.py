@@ -1,0 +1,272 @@
+"""The extension kinds. The round loop talks only to these abstract classes.
+
+Every component has a typed ``Config`` (a pydantic model that forbids unknown keys) which the recipe's
+``params`` are validated against. Constructors are cheap; heavy work (importing torch, building
+networks, loading data) happens in the kind-specific set-up method, so listing and validating plugins
+stays instant.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .data import DataSplits, DistillSet, ImageSet, TaskSpec
+from .errors import DataError, RecipeIssue
+
+if TYPE_CHECKING:
+    from .context import RunContext
+    from .recipe import Recipe
+    from .wire import Message
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's config: unknown keys are errors, never silent defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(ABC):
+    """Base of all extension kinds."""
+
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+
+    def __init__(self, config: ComponentConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
+        """Cross-field checks on the whole recipe (e.g. FedAvg needs one client architecture).
+
+        ``path`` is where this component sits in the recipe, for error messages.
+        """
+        return []
+
+
+class Dataset(Component):
+    """Loads a dataset and cuts it into the protocol's splits."""
+
+    kind = "dataset"
+
+    @abstractmethod
+    def load(self, seed: int) -> DataSplits:
+        """Return the splits; the same seed must give the same splits on every machine."""
+
+
+class Partitioner(Component):
+    """Spreads the training split's samples over the clients."""
+
+    kind = "partitioner"
+
+    @abstractmethod
+    def partition(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Return one array of sample indices per client."""
+
+    def checked_partition(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """:meth:`partition`, then check every client got samples and no sample went twice."""
+        if num_clients > len(labels):
+            raise DataError(f"{num_clients} clients but only {len(labels)} training samples: use fewer clients")
+        parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in self.partition(labels, num_clients, rng)]
+        if len(parts) != num_clients:
+            raise DataError(f"partitioner returned {len(parts)} parts for {num_clients} clients")
+        joined = np.concatenate(parts) if parts else np.array([], dtype=np.int64)
+        if len(np.unique(joined)) != len(joined):
+            raise DataError("partitioner gave the same sample to more than one client")
+        if len(joined) and (joined.min() < 0 or joined.max() >= len(labels)):
+            raise DataError("partitioner returned indices outside the training split")
+        empty = [k for k, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise DataError(f"clients {empty} got no training samples: use fewer clients or another partition")
+        return parts
+
+
+class ClientModel(Component):
+    """A client's private task model and its local training.
+
+    Lifecycle: ``build(task, seed)`` once, then any of ``fit``, ``predict_logits``,
+    ``get_weights``/``set_weights``. The weights are all a client keeps between rounds.
+    """
+
+    kind = "client_model"
+
+    @abstractmethod
+    def build(self, task: TaskSpec, seed: int) -> None:
+        """Create the network with freshly initialised (or pre-trained) weights."""
+
+    @abstractmethod
+    def fit(self, train: ImageSet, distill: DistillSet | None, seed: int) -> dict[str, float]:
+        """One round of local training: cross-entropy on ``train`` plus, when given, KD towards
+        ``distill``'s soft labels. Returns training metrics (at least ``loss``)."""
+
+    @abstractmethod
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits ``float32 [N, num_classes]`` for uint8 images ``[N, H, W, C]``."""
+
+    @abstractmethod
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Every tensor the model needs to be restored, as numpy arrays."""
+
+    @abstractmethod
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Restore from :meth:`get_weights` output (strict: missing or extra keys are errors)."""
+
+    def architecture_id(self) -> str:
+        """Two clients may average weights (FedAvg) only when these strings are equal."""
+        return f"{type(self).__module__}.{type(self).__qualname__}:{self.config.model_dump_json()}"
+
+
+@dataclass
+class ClientReply:
+    """One client's answer about the synthetic set: logits, and how much data stands behind them."""
+
+    client_id: int
+    logits: np.ndarray
+    num_samples: int
+    class_counts: np.ndarray | None = None
+
+
+class Aggregator(Component):
+    """Turns the clients' logits on the synthetic set into the federation's soft labels.
+
+    A pure function of (round, replies), so it can be tested with numbers computed by hand.
+    """
+
+    kind = "aggregator"
+
+    @abstractmethod
+    def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:
+        """Soft labels ``float [N, C]`` whose rows sum to one."""
+
+
+@dataclass
+class AlignmentBatch:
+    """Synthetic pairs with the clients' verdict, for fine-tuning the generator."""
+
+    images: np.ndarray
+    prompts: list[str]
+    class_ids: np.ndarray
+    soft_labels: np.ndarray
+
+    @property
+    def alignment(self) -> np.ndarray:
+        """a_j = q[j, c_j]: how strongly the clients agree image j shows its prompt's class."""
+        return self.soft_labels[np.arange(len(self.class_ids)), self.class_ids]
+
+
+class Generator(Component):
+    """The server's text-to-image model (frozen base + trainable adapter)."""
+
+    kind = "generator"
+
+    @abstractmethod
+    def build(self, task: TaskSpec, seed: int, cache_dir: Path) -> None:
+        """Load or create the base model (pre-training it if the recipe asks) and the adapter."""
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        """uint8 images ``[N, H, W, C]``, one per prompt, each reproducible from its seed."""
+
+    @abstractmethod
+    def fine_tune(
+        self, batch: AlignmentBatch, losses: Sequence[tuple[AlignmentLoss, float]], seed: int
+    ) -> dict[str, float]:
+        """Update the adapter with the weighted sum of ``losses`` on ``batch``."""
+
+    @abstractmethod
+    def save_adapter(self, path: Path) -> None:
+        """Write only the trainable adapter weights (safetensors)."""
+
+    @abstractmethod
+    def load_adapter(self, path: Path) -> None:
+        """Restore adapter weights written by :meth:`save_adapter`."""
+
+
+class AlignmentLoss(Component):
+    """A loss that pulls the generator towards what the clients recognise."""
+
+    kind = "alignment_loss"
+
+    @abstractmethod
+    def compute(self, generator: Generator, batch: AlignmentBatch, seed: int) -> Any:
+        """A scalar loss in the generator's framework (e.g. a torch tensor with gradient)."""
+
+
+class Algorithm(Component):
+    """A round-loop variant (fedmmkt, feddf, fedavg, local...)."""
+
+    kind = "algorithm"
+    needs_generator: ClassVar[bool] = False
+
+    def setup(self, ctx: RunContext) -> None:
+        """Called once before the first round (and again on resume, before ``load_state``)."""
+
+    @abstractmethod
+    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+        """Run one round; return the round's metrics (the context adds bytes and timings)."""
+
+    def evaluate(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+        """Metrics after the round; by default every client's accuracy on the test split."""
+        return ctx.evaluate_clients()
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything needed to resume: (JSON-able values, arrays)."""
+        return {}, {}
+
+    def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state` returned."""
+
+
+class Backend(Component):
+    """Delivers messages to clients and brings their replies back (in-process, Flower...)."""
+
+    kind = "backend"
+
+    @abstractmethod
+    def start(self, ctx: RunContext) -> None:
+        """Bring up the clients described by ``ctx.clients``."""
+
+    @abstractmethod
+    def exchange(
+        self,
+        messages: Mapping[int, Message],
+        round_index: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[int, Message | BaseException]:
+        """Send one message per client id; return each client's reply or the error it raised.
+
+        Call ``progress(1)`` as each client finishes, for progress bars."""
+
+    def commit_round(self, round_index: int) -> None:
+        """The round finished: make client state written during it the state to resume from."""
+
+    def stop(self) -> None:
+        """Release every process and resource ``start`` created."""
+
+
+class Logger(Component):
+    """Receives metrics as the run goes (console, CSV, experiment trackers...)."""
+
+    kind = "logger"
+
+    def start(self, run_dir: Path, resolved_recipe: dict[str, Any]) -> None:
+        """Called once when the run starts or resumes."""
+
+    @abstractmethod
+    def log_round(self, round_index: int, metrics: dict[str, Any]) -> None:
+        """Called after every completed round."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Called once with the final summary."""
+
+
+KINDS: dict[str, type[Component]] = {
+    cls.kind: cls
+    for cls in (Generator, ClientModel, Aggregator, AlignmentLoss, Dataset, Partitioner, Algorithm, Backend, Logger)
+}

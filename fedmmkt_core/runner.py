@@ -1,0 +1,218 @@
+"""The round loop: build a run from a validated recipe, run its rounds, write the run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .context import EventSink, RoundFailed, RunContext
+from .data import DataSplits
+from .errors import UserError
+from .interfaces import Algorithm, Backend, Dataset, Logger, Partitioner
+from .recipe import Recipe, dump_yaml
+from .rundir import RunDirectory, atomic_write_json, atomic_write_text, load_safetensors, save_safetensors
+from .seeding import seed_everything
+
+log = logging.getLogger("fedmmkt")
+
+SUMMARY_FROM_LAST_ROUND = ("client_accuracy_mean", "client_accuracy_min")
+
+
+class RunFailed(Exception):
+    """The run could not go on (e.g. too few clients); the message says why."""
+
+
+def load_data(recipe: Recipe) -> tuple[DataSplits, list[np.ndarray]]:
+    """Load the dataset and partition its training split: identical on every machine for one seed."""
+    dataset = recipe.build("dataset", recipe.data.dataset)
+    assert isinstance(dataset, Dataset)
+    splits = dataset.load(seed=recipe.seed)
+    partitioner = recipe.build("partitioner", recipe.data.partitioner)
+    assert isinstance(partitioner, Partitioner)
+    from .seeding import derive_seed
+
+    rng = np.random.default_rng(derive_seed(recipe.seed, "partition"))
+    partitions = partitioner.checked_partition(splits.train.labels, recipe.num_clients, rng)
+    return splits, partitions
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Runner:
+    """Runs a recipe into a run directory; ``resume=True`` continues after the last completed round."""
+
+    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False, events: EventSink | None = None):
+        self.recipe = recipe
+        self.run_dir = RunDirectory(out_dir)
+        self.resume = resume
+        self.events: EventSink = events or (lambda *args, **kwargs: None)
+
+    def _prepare_directory(self) -> int:
+        """Create or check the run directory; return the number of rounds already completed."""
+        resolved = dump_yaml(self.recipe.resolved())
+        state_path = self.run_dir.checkpoint_dir / "state.json"
+        if self.resume:
+            if not self.run_dir.recipe_path.exists():
+                raise UserError(f"cannot resume: {self.run_dir.root} is not a run directory (no recipe.resolved.yaml)")
+            if self.run_dir.recipe_path.read_text(encoding="utf-8") != resolved:
+                raise UserError(
+                    f"cannot resume {self.run_dir.root}: the recipe differs from the one it was started with "
+                    f"({self.run_dir.recipe_path}); resume with the same recipe and --set options"
+                )
+            completed = json.loads(state_path.read_text())["rounds_completed"] if state_path.exists() else 0
+            rows = [row for row in self.run_dir.read_metrics() if row.get("round", 0) <= completed]
+            self.run_dir.write_metrics(rows)  # drop a round that finished writing metrics but not its checkpoint
+            return completed
+        if self.run_dir.metrics_path.exists() or state_path.exists():
+            raise UserError(
+                f"{self.run_dir.root} already holds a run; pass --resume to continue it or --out for a new directory"
+            )
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir.recipe_path, resolved)
+        return 0
+
+    def run(self) -> dict[str, Any]:
+        completed = self._prepare_directory()
+        handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            return self._run(completed)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _run(self, completed: int) -> dict[str, Any]:
+        recipe = self.recipe
+        log.info("%s run '%s' in %s", "resuming" if completed else "starting", recipe.name, self.run_dir.root)
+        seed_everything(recipe.seed)
+        splits, partitions = load_data(recipe)
+        ctx = RunContext(recipe, self.run_dir, splits, partitions, self.events)
+        if recipe.aggregator is not None:
+            ctx.aggregator = recipe.build("aggregator", recipe.aggregator)  # type: ignore[assignment]
+        if recipe.generator is not None:
+            generator = recipe.build("generator", recipe.generator)
+            generator.build(ctx.task, seed=ctx.seed_for("generator"), cache_dir=cache_dir())  # type: ignore[attr-defined]
+            ctx.generator = generator  # type: ignore[assignment]
+        ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
+        algorithm = recipe.build("algorithm", recipe.algorithm)
+        assert isinstance(algorithm, Algorithm)
+        backend = recipe.build("backend", recipe.backend)
+        assert isinstance(backend, Backend)
+        loggers = [recipe.build("logger", spec) for spec in recipe.loggers]
+        ctx.backend = backend
+        ctx.rounds_completed_at_start = completed
+        backend.start(ctx)
+        try:
+            algorithm.setup(ctx)
+            if completed:
+                self._load_checkpoint(ctx, algorithm, completed)
+            for logger in loggers:
+                assert isinstance(logger, Logger)
+                logger.start(self.run_dir.root, recipe.resolved())
+            rounds = recipe.federation.rounds
+            self.events("run_start", rounds=rounds, completed=completed)
+            for round_index in range(completed, rounds):
+                row = self._round(ctx, algorithm, round_index)
+                for logger in loggers:
+                    logger.log_round(round_index, row)  # type: ignore[attr-defined]
+            summary = self._summary()
+            atomic_write_json(self.run_dir.summary_path, summary)
+            for logger in loggers:
+                logger.finish(summary)  # type: ignore[attr-defined]
+            log.info("finished: %s", json.dumps(summary, sort_keys=True))
+            return summary
+        finally:
+            backend.stop()
+
+    def _round(self, ctx: RunContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        seed_everything(ctx.seed_for("round", round_index))
+        ctx.begin_round(round_index)
+        self.events("round_start", round=round_index + 1, rounds=self.recipe.federation.rounds)
+        try:
+            metrics = dict(algorithm.run_round(ctx, round_index))
+            metrics.update(algorithm.evaluate(ctx, round_index))
+        except RoundFailed as exc:
+            log.error("%s", exc)
+            raise RunFailed(str(exc)) from None
+        stats = ctx.stats
+        row: dict[str, Any] = {"round": round_index + 1, "clients_sampled": ctx.sampled}
+        row.update(metrics)
+        row["failures"] = stats.failures
+        up = [stats.bytes_up.get(k, 0) for k in ctx.sampled]
+        down = [stats.bytes_down.get(k, 0) for k in ctx.sampled]
+        row["bytes_up_per_client"] = float(np.mean(up)) if up else 0.0
+        row["bytes_down_per_client"] = float(np.mean(down)) if down else 0.0
+        row["bytes_up_total"] = int(sum(stats.bytes_up.values()))
+        row["bytes_down_total"] = int(sum(stats.bytes_down.values()))
+        for phase, seconds in stats.phase_seconds.items():
+            row[f"seconds_{phase}"] = seconds
+        ctx.backend.commit_round(round_index)  # type: ignore[union-attr]
+        row["seconds_round"] = time.perf_counter() - start
+        # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
+        # stale metrics row is dropped (see _prepare_directory).
+        self.run_dir.append_metrics(row)
+        self._save_checkpoint(ctx, algorithm, round_index + 1)
+        log.info("round %d: %s", round_index + 1, json.dumps({k: v for k, v in row.items() if k != "client_accuracy"}))
+        self.events("round_end", round=round_index + 1, metrics=row)
+        return row
+
+    def _save_checkpoint(self, ctx: RunContext, algorithm: Algorithm, rounds_completed: int) -> None:
+        directory = self.run_dir.checkpoint_dir
+        values, arrays = algorithm.state()
+        arrays_name = f"algorithm.r{rounds_completed}.safetensors"
+        save_safetensors(directory / arrays_name, arrays)
+        if ctx.generator is not None:
+            ctx.generator.save_adapter(directory / f"generator.r{rounds_completed}.safetensors")
+        state = {"rounds_completed": rounds_completed, "algorithm": values, "algorithm_arrays": arrays_name}
+        atomic_write_json(directory / "state.json", state)
+        for old in directory.glob("*.r*.safetensors"):
+            match = re.fullmatch(r"(algorithm|generator)\.r(\d+)\.safetensors", old.name)
+            if match and int(match.group(2)) < rounds_completed:
+                old.unlink(missing_ok=True)
+
+    def _load_checkpoint(self, ctx: RunContext, algorithm: Algorithm, completed: int) -> None:
+        directory = self.run_dir.checkpoint_dir
+        state = json.loads((directory / "state.json").read_text())
+        arrays = load_safetensors(directory / state["algorithm_arrays"])
+        algorithm.load_state(state["algorithm"], arrays)
+        if ctx.generator is not None:
+            ctx.generator.load_adapter(directory / f"generator.r{completed}.safetensors")
+        log.info("resumed after round %d", completed)
+
+    def _summary(self) -> dict[str, Any]:
+        rows = self.run_dir.read_metrics()
+        last = rows[-1] if rows else {}
+        summary: dict[str, Any] = {
+            "name": self.recipe.name,
+            "algorithm": self.recipe.algorithm.name,
+            "seed": self.recipe.seed,
+            "rounds_completed": len(rows),
+            "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows])) if rows else 0.0,
+            "bytes_down_per_client_round": float(np.mean([r["bytes_down_per_client"] for r in rows])) if rows else 0.0,
+            "wall_seconds": float(sum(r.get("seconds_round", 0.0) for r in rows)),
+            "client_failures": int(sum(len(r.get("failures", [])) for r in rows)),
+        }
+        for key in SUMMARY_FROM_LAST_ROUND:
+            if key in last:
+                summary[key] = last[key]
+        if rows and "client_accuracy_mean" in rows[0]:
+            summary["client_accuracy_mean_first_round"] = rows[0]["client_accuracy_mean"]
+        return summary
+
+
+def cache_dir() -> Path:
+    """Where expensive artefacts (pre-trained generators, oracles) are cached: ``$FEDMMKT_CACHE``."""
+    import os
+
+    return Path(os.environ.get("FEDMMKT_CACHE", Path.home() / ".cache" / "fedmmkt"))

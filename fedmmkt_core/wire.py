@@ -1,0 +1,111 @@
+"""Messages between server and clients: a type, a small JSON config and named numpy arrays.
+
+Encoded as one safetensors blob (the config rides in its metadata), so no pickle ever touches a
+peer's bytes. Sizes are checked before anything is allocated, and every message's encoded size is
+what the toolkit reports as bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+_META_KEY = "fedmmkt"
+
+
+class MessageError(ValueError):
+    """A message is malformed, too large, or does not carry what its type requires."""
+
+
+@dataclass
+class Message:
+    """What travels between server and a client."""
+
+    type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    _encoded: bytes | None = field(default=None, repr=False, compare=False)
+
+    def encode(self) -> bytes:
+        """safetensors bytes; cached, so treat a message as immutable once encoded."""
+        if self._encoded is None:
+            from safetensors.numpy import save
+
+            arrays = {name: np.ascontiguousarray(value) for name, value in self.arrays.items()}
+            try:
+                meta = json.dumps({"type": self.type, "config": self.config}, sort_keys=True, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise MessageError(f"'{self.type}' message config is not plain finite JSON: {exc}") from exc
+            self._encoded = save(arrays, metadata={_META_KEY: meta})
+        return self._encoded
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the encoded message: the figure reported as bytes on the wire."""
+        return len(self.encode())
+
+    @classmethod
+    def decode(cls, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+        """Parse bytes from a peer, refusing anything oversized or malformed."""
+        from safetensors.numpy import load
+
+        if len(data) > max_bytes:
+            raise MessageError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+        if len(data) < 8:
+            raise MessageError("message is truncated (no header)")
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+            raise MessageError(f"message header length {header_len} is impossible for {len(data)} bytes")
+        try:
+            header = json.loads(data[8 : 8 + header_len])
+            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"))
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+            raise MessageError(f"message header is not valid JSON: {exc}") from exc
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("type"), str)
+            or not isinstance(meta.get("config"), dict)
+        ):
+            raise MessageError("message has no fedmmkt type/config metadata")
+        try:
+            arrays = load(bytes(data))
+        except Exception as exc:  # safetensors raises its own error types
+            raise MessageError(f"message body is not valid safetensors: {exc}") from exc
+        return cls(meta["type"], meta["config"], arrays, _encoded=bytes(data))
+
+    def array(
+        self,
+        name: str,
+        dtype: np.dtype | type | None = None,
+        shape: tuple[int | None, ...] | None = None,
+        finite: bool = False,
+    ) -> np.ndarray:
+        """A named array, checked for dtype, shape (``None`` = any size) and finiteness."""
+        if name not in self.arrays:
+            raise MessageError(f"'{self.type}' message has no array '{name}'")
+        value = self.arrays[name]
+        if dtype is not None and value.dtype != np.dtype(dtype):
+            raise MessageError(f"array '{name}' has dtype {value.dtype}, expected {np.dtype(dtype)}")
+        if shape is not None:
+            if value.ndim != len(shape) or any(
+                s is not None and s != v for s, v in zip(shape, value.shape, strict=True)
+            ):
+                want = tuple("*" if s is None else s for s in shape)
+                raise MessageError(f"array '{name}' has shape {value.shape}, expected {want}")
+        if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise MessageError(f"array '{name}' has NaN or infinite values")
+        return value
+
+    def weights(self, prefix: str = "weights/") -> dict[str, np.ndarray]:
+        """Arrays whose names start with ``prefix``, with the prefix removed."""
+        return {k[len(prefix) :]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+
+
+def with_prefix(arrays: dict[str, np.ndarray], prefix: str = "weights/") -> dict[str, np.ndarray]:
+    return {prefix + k: v for k, v in arrays.items()}

@@ -1,0 +1,97 @@
+"""KD aggregator: the federation's soft labels as a weighted (or robust) average of client predictions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedmmkt_core.errors import ClientFailure
+from fedmmkt_core.interfaces import Aggregator, ClientReply, ComponentConfig
+
+
+class KDConfig(ComponentConfig):
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T applied to client logits")
+    weighting: Literal["uniform", "samples", "confidence", "entropy", "class_aware"] = Field(
+        "uniform",
+        description=(
+            "client weights: equal; by training-sample count; per sample by the client's max probability; "
+            "per sample by 1 - normalised entropy; per class by the client's count of that class "
+            "(a client without a class does not vote on it)"
+        ),
+    )
+    robust: Literal["none", "median", "trimmed_mean"] = Field(
+        "none", description="coordinate-wise median or trimmed mean over clients instead of the weighted mean"
+    )
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end for trimmed_mean")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class KDAggregator(Aggregator):
+    """q_j = sum_k w_kj softmax(z_kj / T) / sum_k w_kj, with uniform, sample-count, confidence,
+    entropy or class-aware weights; or a coordinate-wise median / trimmed mean for robustness."""
+
+    Config = KDConfig
+    config: KDConfig
+
+    def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:
+        if not replies:
+            raise ValueError("cannot aggregate zero replies")
+        shape = replies[0].logits.shape
+        for reply in replies:
+            if reply.logits.ndim != 2 or reply.logits.shape != shape:
+                raise ClientFailure(reply.client_id, f"logits of shape {reply.logits.shape}, expected {shape}")
+            if not np.isfinite(reply.logits).all():
+                raise ClientFailure(reply.client_id, "logits contain NaN or infinite values")
+        probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
+        cfg = self.config
+        if cfg.robust == "median":
+            q = np.median(probs, axis=0)
+        elif cfg.robust == "trimmed_mean":
+            q = _trimmed_mean(probs, cfg.trim_fraction)
+        else:
+            q = (self._weights(replies, probs) * probs).sum(axis=0) / np.maximum(
+                self._weights(replies, probs).sum(axis=0), 1e-12
+            )
+        q = np.maximum(q, 0.0)
+        return (q / q.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+    def _weights(self, replies: Sequence[ClientReply], probs: np.ndarray) -> np.ndarray:
+        """Weights broadcastable to ``probs`` [K, N, C]."""
+        num_clients, _, num_classes = probs.shape
+        kind = self.config.weighting
+        if kind == "uniform":
+            return np.ones((num_clients, 1, 1))
+        if kind == "samples":
+            return np.array([max(r.num_samples, 0) for r in replies], dtype=np.float64)[:, None, None]
+        if kind == "confidence":
+            return probs.max(axis=-1, keepdims=True)
+        if kind == "entropy":
+            entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1, keepdims=True)
+            return 1.0 - entropy / np.log(num_classes) + 1e-6
+        counts = np.stack([_counts(r, num_classes) for r in replies]).astype(np.float64)  # [K, C]
+        no_holder = counts.sum(axis=0) == 0
+        counts[:, no_holder] = 1.0  # nobody holds the class: everyone votes equally on it
+        return counts[:, None, :]
+
+
+def _counts(reply: ClientReply, num_classes: int) -> np.ndarray:
+    if reply.class_counts is None or reply.class_counts.shape != (num_classes,):
+        raise ClientFailure(reply.client_id, f"class_aware weighting needs class_counts of shape ({num_classes},)")
+    return np.maximum(reply.class_counts, 0)
+
+
+def _trimmed_mean(values: np.ndarray, fraction: float) -> np.ndarray:
+    cut = int(np.floor(fraction * values.shape[0]))
+    ordered = np.sort(values, axis=0)
+    if cut:
+        ordered = ordered[cut:-cut]
+    return ordered.mean(axis=0)

@@ -1,0 +1,78 @@
+"""The embedded backend: every client runs in this process, one at a time.
+
+Messages still go through their wire encoding both ways, so the privacy contract and the byte
+counts are exactly those of a distributed run. Client models are materialised when a message
+arrives and their weights kept on disk, so memory does not grow with the number of clients
+(``resident_clients`` keeps a bounded number in memory instead).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from pydantic import Field
+
+from fedmmkt_core.client import ClientRuntime, ClientStateStore
+from fedmmkt_core.context import RunContext
+from fedmmkt_core.errors import ClientFailure
+from fedmmkt_core.interfaces import Backend, ComponentConfig
+from fedmmkt_core.wire import Message
+
+
+class InProcessConfig(ComponentConfig):
+    resident_clients: int = Field(0, ge=0, description="clients kept built in memory between messages (0 = none)")
+
+
+class InProcessBackend(Backend):
+    """Runs clients sequentially in this process; weights live in the run's checkpoint folder."""
+
+    Config = InProcessConfig
+    config: InProcessConfig
+
+    def start(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.store = ClientStateStore(ctx.run_dir.client_state_dir)
+        self.store.discard_from(ctx.rounds_completed_at_start)
+        self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
+
+    def _runtime(self, client_id: int, round_index: int) -> ClientRuntime:
+        runtime = self.resident.pop(client_id, None)
+        if runtime is None:
+            runtime = self.ctx.client_runtime(client_id)
+            weights = self.store.load(client_id, up_to_round=round_index)
+            if weights is not None:
+                runtime.model.set_weights(weights)
+        return runtime
+
+    def exchange(
+        self,
+        messages: Mapping[int, Message],
+        round_index: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[int, Message | BaseException]:
+        replies: dict[int, Message | BaseException] = {}
+        for client_id in sorted(messages):
+            try:
+                runtime = self._runtime(client_id, round_index)
+                runtime.weights_changed = False
+                reply = runtime.handle(Message.decode(messages[client_id].encode()))
+                replies[client_id] = Message.decode(reply.encode())
+                if runtime.weights_changed:
+                    self.store.save(client_id, round_index, runtime.model.get_weights())
+                if self.config.resident_clients:
+                    self.resident[client_id] = runtime
+                    while len(self.resident) > self.config.resident_clients:
+                        self.resident.popitem(last=False)
+            except Exception as exc:  # the client's fault is reported, the round decides
+                replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
+            if progress is not None:
+                progress(1)
+        return replies
+
+    def commit_round(self, round_index: int) -> None:
+        for info in self.ctx.clients:
+            self.store.prune(info.client_id, keep_round=round_index - 1)
+
+    def stop(self) -> None:
+        self.resident.clear()

@@ -1,0 +1,116 @@
+"""Shared local training for client models written in PyTorch.
+
+Subclass :class:`TorchClassifier`, implement :meth:`make_network`, and you get the federated local
+update (CE on private data + KD towards the federation's soft labels), prediction and weights I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedmmkt_core.data import DistillSet, ImageSet, TaskSpec
+from fedmmkt_core.interfaces import ClientModel, ComponentConfig
+from fedmmkt_core.lazy import lazy_import
+
+TORCH_HINT = "Install the CPU build with: pip install torch==2.13.0 (see constraints.txt)"
+torch = lazy_import("torch", TORCH_HINT)
+F = lazy_import("torch.nn.functional", TORCH_HINT)
+
+
+class TorchClassifierConfig(ComponentConfig):
+    epochs: int = Field(1, ge=1, description="local epochs over the private data per round")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+
+
+class TorchClassifier(ClientModel):
+    """Base for PyTorch client models: implement :meth:`make_network`."""
+
+    Config = TorchClassifierConfig
+    config: TorchClassifierConfig
+
+    def make_network(self, task: TaskSpec) -> Any:
+        """Return a ``torch.nn.Module`` mapping float images ``[N, C, H, W]`` in [-1, 1] to logits."""
+        raise NotImplementedError
+
+    def build(self, task: TaskSpec, seed: int) -> None:
+        self.task = task
+        torch.manual_seed(seed)
+        self.device = torch.device(self.config.device)
+        self.net = self.make_network(task).to(self.device)
+
+    def _tensor(self, images: np.ndarray) -> Any:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+    def _optimizer(self) -> Any:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay)
+        return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def fit(self, train: ImageSet, distill: DistillSet | None, seed: int) -> dict[str, float]:
+        cfg = self.config
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = self._optimizer()
+        self.net.train()
+        labels = torch.from_numpy(train.labels).to(self.device)
+        n = len(train)
+        steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+        total_loss, total_kd, steps = 0.0, 0.0, 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator)
+            distill_order = torch.randperm(len(distill.images), generator=generator) if distill is not None else None
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                logits = self.net(self._tensor(train.images[idx.numpy()]))
+                loss = F.cross_entropy(logits, labels[idx])
+                kd_value = 0.0
+                if distill is not None and distill.weight > 0:
+                    m = len(distill.images)
+                    start = (step * cfg.batch_size) % m
+                    didx = distill_order[start : start + cfg.batch_size].numpy()
+                    student = self.net(self._tensor(distill.images[didx]))
+                    target = torch.from_numpy(distill.soft_labels[didx]).to(self.device)
+                    t = distill.temperature
+                    kd = F.kl_div(F.log_softmax(student / t, dim=1), target, reduction="batchmean") * t * t
+                    loss = loss + distill.weight * kd
+                    kd_value = float(kd.detach())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach())
+                total_kd += kd_value
+                steps += 1
+        return {"loss": total_loss / steps, "kd_loss": total_kd / steps}
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        self.net.eval()
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(images), 256):
+                outputs.append(self.net(self._tensor(images[start : start + 256])).float().cpu().numpy())
+        if not outputs:
+            return np.zeros((0, self.task.num_classes), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        own = self.net.state_dict()
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        if missing or extra:
+            raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, value in weights.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"weight '{key}' has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
+        self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
