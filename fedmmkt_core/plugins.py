@@ -167,6 +167,13 @@ class PluginManager:
             source = (package, _version_of(package))
         self._register(module, name, source)
 
+    def add_plugin(self, plugin: ModuleType | object, package: str) -> Registry:
+        """Register a plugin object at run time (tests, notebooks) and rebuild the registry."""
+        self.register_module(plugin, package=package)
+        self.pm.check_pending()
+        self.registry = self._collect()
+        return self.registry
+
     def _register(self, plugin: object, name: str, source: tuple[str, str]) -> None:
         try:
             self.pm.register(plugin, name=name)

@@ -62,7 +62,7 @@ class FedAvg(Algorithm):
         weights = reply.weights()
         if set(weights) != set(self.global_weights):
             raise MessageError("uploaded weights do not match the global model's tensors")
-        for name, value in weights.items():
+        for name in weights:
             reply.array(
                 f"weights/{name}", self.global_weights[name].dtype, self.global_weights[name].shape, finite=True
             )

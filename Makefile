@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - create the environment (idempotent) and run the main job
+#   make test   - create the environment (idempotent) and run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_RECIPE ?= examples/smoke.yaml
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, from the CPU wheel pinned in constraints.txt, so nothing pulls a CUDA build
+	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e examples/fedmmkt-example-plugin
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/fedmmkt run $(DEMO_RECIPE) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,16 @@
+"""Example third-party plugin: registers a client model and an aggregator through fedmmkt's hooks."""
+
+from fedmmkt_core.hookspecs import hookimpl
+
+from .majority_vote import MajorityVoteAggregator
+from .softmax_regression import SoftmaxRegressionClient
+
+
+@hookimpl
+def register_client_models(register):
+    register("softmax-regression", SoftmaxRegressionClient)
+
+
+@hookimpl
+def register_aggregators(register):
+    register("majority-vote", MajorityVoteAggregator)
