@@ -1,0 +1,69 @@
+"""The KD aggregator's numbers, computed by hand."""
+
+import numpy as np
+import pytest
+from fedmmkt_plugins.aggregator_kd import KDAggregator, KDConfig
+
+from fedmmkt_core.interfaces import ClientReply
+
+LN3 = np.log(3.0)
+# Two clients, one sample, two classes. Client 0: p = (0.75, 0.25); client 1: p = (0.25, 0.75).
+A = ClientReply(0, np.array([[LN3, 0.0]], dtype=np.float32), num_samples=30, class_counts=np.array([30, 0]))
+B = ClientReply(1, np.array([[0.0, LN3]], dtype=np.float32), num_samples=10, class_counts=np.array([5, 5]))
+
+
+def agg(**params):
+    return KDAggregator(KDConfig(**params))
+
+
+def test_uniform_mean():
+    np.testing.assert_allclose(agg().aggregate(0, [A, B]), [[0.5, 0.5]], atol=1e-6)
+
+
+def test_sample_count_weights():
+    # (30 * 0.75 + 10 * 0.25) / 40 = 0.625
+    np.testing.assert_allclose(agg(weighting="samples").aggregate(0, [A, B]), [[0.625, 0.375]], atol=1e-6)
+
+
+def test_temperature():
+    # T = 2: softmax(ln3/2, 0) = sqrt(3) / (sqrt(3) + 1) = 0.6340
+    p = np.sqrt(3) / (np.sqrt(3) + 1)
+    np.testing.assert_allclose(agg(temperature=2.0).aggregate(0, [A]), [[p, 1 - p]], atol=1e-6)
+
+
+def test_confidence_weights_equal_for_mirror_clients():
+    # both clients are 0.75-confident: weights equal, so the mean
+    np.testing.assert_allclose(agg(weighting="confidence").aggregate(0, [A, B]), [[0.5, 0.5]], atol=1e-6)
+
+
+def test_confidence_weights_favour_the_sure_client():
+    sure = ClientReply(2, np.array([[np.log(9.0), 0.0]], dtype=np.float32), 1)  # p = (0.9, 0.1)
+    # weights 0.9 and 0.75: q0 = (0.9*0.9 + 0.75*0.25) / 1.65 = 0.6045...
+    expected = (0.9 * 0.9 + 0.75 * 0.25) / 1.65
+    np.testing.assert_allclose(agg(weighting="confidence").aggregate(0, [sure, B])[0, 0], expected, atol=1e-6)
+
+
+def test_class_aware_client_without_class_does_not_vote():
+    # class 0: counts 30 and 5 -> (30*.75 + 5*.25)/35 = 0.678571; class 1: only B votes -> 0.75
+    # rows renormalised: (0.678571, 0.75) / 1.428571
+    q = agg(weighting="class_aware").aggregate(0, [A, B])
+    c0, c1 = (30 * 0.75 + 5 * 0.25) / 35, 0.75
+    np.testing.assert_allclose(q, [[c0 / (c0 + c1), c1 / (c0 + c1)]], atol=1e-6)
+
+
+def test_median_ignores_one_outlier():
+    honest = [ClientReply(k, np.array([[LN3, 0.0]], dtype=np.float32), 10) for k in range(4)]
+    attacker = ClientReply(9, np.array([[0.0, 100.0]], dtype=np.float32), 10)
+    np.testing.assert_allclose(agg(robust="median").aggregate(0, [*honest, attacker]), [[0.75, 0.25]], atol=1e-6)
+    assert agg().aggregate(0, [*honest, attacker])[0, 0] == pytest.approx(0.6, abs=1e-6)  # mean: 4*0.75/5
+
+
+def test_trimmed_mean_drops_extremes():
+    values = [0.1, 0.5, 0.6, 0.7, 0.99]  # p of class 0 per client
+    replies = [
+        ClientReply(k, np.log(np.array([[v, 1 - v]], dtype=np.float64)).astype(np.float32), 1)
+        for k, v in enumerate(values)
+    ]
+    q = agg(robust="trimmed_mean", trim_fraction=0.2).aggregate(0, replies)
+    # drop 0.1 and 0.99 for class 0 (and the mirror for class 1): mean 0.6 / 0.4
+    np.testing.assert_allclose(q, [[0.6, 0.4]], atol=1e-5)

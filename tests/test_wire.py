@@ -1,0 +1,42 @@
+"""Messages: safetensors round trip, bounded decoding, validation."""
+
+import numpy as np
+import pytest
+
+from fedmmkt_core.wire import Message, MessageError
+
+
+def test_round_trip_and_size():
+    message = Message("predict", {"round": 2}, {"images": np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)})
+    data = message.encode()
+    back = Message.decode(data)
+    assert back.type == "predict" and back.config == {"round": 2}
+    np.testing.assert_array_equal(back.arrays["images"], message.arrays["images"])
+    assert message.nbytes == len(data) and len(data) > 128
+
+
+def test_truncated_and_oversized_are_refused():
+    data = Message("x", {}, {"a": np.zeros(100, dtype=np.float32)}).encode()
+    with pytest.raises(MessageError):
+        Message.decode(data[:50])
+    with pytest.raises(MessageError, match="exceeds"):
+        Message.decode(data, max_bytes=100)
+    with pytest.raises(MessageError):
+        Message.decode(b"\xff" * 16)
+
+
+def test_array_validation():
+    message = Message("r", {}, {"logits": np.array([[1.0, np.nan]], dtype=np.float32)})
+    with pytest.raises(MessageError, match="dtype"):
+        message.array("logits", np.float64)
+    with pytest.raises(MessageError, match="shape"):
+        message.array("logits", np.float32, (1, 3))
+    with pytest.raises(MessageError, match="NaN"):
+        message.array("logits", np.float32, (None, 2), finite=True)
+    with pytest.raises(MessageError, match="no array"):
+        message.array("missing")
+
+
+def test_config_must_be_plain_json():
+    with pytest.raises(MessageError):
+        Message("x", {"bad": float("nan")}).encode()
