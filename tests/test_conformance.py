@@ -2,6 +2,8 @@
 
 from fedmmkt_core.testing import (
     AggregatorTests,
+    AlgorithmTests,
+    BackendTests,
     ClientModelTests,
     DatasetTests,
     LoggerTests,
@@ -60,3 +62,20 @@ class TestConsole(LoggerTests):
 
 class TestCSV(LoggerTests):
     name = "csv"
+
+
+class TestLocal(AlgorithmTests):
+    name = "local"
+
+
+class TestFedAvg(AlgorithmTests):
+    name = "fedavg"
+
+
+class TestInProcess(BackendTests):
+    name = "inprocess"
+
+
+class TestInProcessResident(BackendTests):
+    name = "inprocess"
+    params = {"resident_clients": 2}
