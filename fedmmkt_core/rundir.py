@@ -60,7 +60,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def save_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save
 
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata))
+    atomic_write_bytes(path, save({k: np.asarray(v, order="C") for k, v in arrays.items()}, metadata=metadata))
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -37,7 +37,7 @@ class Message:
         if self._encoded is None:
             from safetensors.numpy import save
 
-            arrays = {name: np.ascontiguousarray(value) for name, value in self.arrays.items()}
+            arrays = {name: np.asarray(value, order="C") for name, value in self.arrays.items()}
             try:
                 meta = json.dumps({"type": self.type, "config": self.config}, sort_keys=True, allow_nan=False)
             except (TypeError, ValueError) as exc:

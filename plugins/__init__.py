@@ -11,6 +11,8 @@ from .algorithm_fedavg import FedAvg
 from .algorithm_local import LocalOnly
 from .backend_inprocess import InProcessBackend
 from .client_cnn import CNNClient
+from .client_resnet import ResNetClient
+from .client_vit import ViTClient
 from .dataset_digits import DigitsDataset
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger
@@ -34,6 +36,8 @@ def register_partitioners(register):
 @hookimpl
 def register_client_models(register):
     register("cnn", CNNClient)
+    register("resnet", ResNetClient)
+    register("vit", ViTClient)
 
 
 @hookimpl

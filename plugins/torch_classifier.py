@@ -114,3 +114,28 @@ class TorchClassifier(ClientModel):
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(f"weight '{key}' has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
         self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def hf_classifier_module(model: Any, task: TaskSpec, model_channels: int, model_size: int) -> Any:
+    """Wrap a transformers image classifier so it maps our images ``[N, C, H, W]`` to logits.
+
+    Grey images are repeated to the model's channel count and resized to its input size when they
+    differ (a pre-trained checkpoint keeps its own geometry).
+    """
+
+    class HFClassifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: Any) -> Any:
+            if x.shape[1] != model_channels:
+                if x.shape[1] == 1:
+                    x = x.repeat(1, model_channels, 1, 1)
+                else:
+                    raise ValueError(f"images have {x.shape[1]} channels, the model expects {model_channels}")
+            if x.shape[-1] != model_size or x.shape[-2] != model_size:
+                x = F.interpolate(x, size=(model_size, model_size), mode="bilinear", align_corners=False)
+            return self.model(pixel_values=x).logits
+
+    return HFClassifier()

@@ -16,6 +16,16 @@ class TestCNN(ClientModelTests):
     params = {"channels": [8, 16], "hidden": 32, "lr": 0.003}
 
 
+class TestResNet(ClientModelTests):
+    name = "resnet"
+    params = {"lr": 0.003}
+
+
+class TestViT(ClientModelTests):
+    name = "vit"
+    params = {"lr": 0.003, "epochs": 4}  # a ViT needs more passes over 200 images than a CNN
+
+
 class TestSoftmaxRegressionExample(ClientModelTests):
     name = "softmax-regression"
     params = {"epochs": 2}

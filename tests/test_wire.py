@@ -40,3 +40,9 @@ def test_array_validation():
 def test_config_must_be_plain_json():
     with pytest.raises(MessageError):
         Message("x", {"bad": float("nan")}).encode()
+
+
+def test_zero_dimensional_arrays_keep_their_shape():
+    # np.ascontiguousarray would turn () into (1,): BatchNorm counters must survive the wire
+    back = Message.decode(Message("x", {}, {"count": np.array(7, dtype=np.int64)}).encode())
+    assert back.arrays["count"].shape == () and int(back.arrays["count"]) == 7
