@@ -1,0 +1,112 @@
+"""A folder of images, one sub-folder per class, with optional captions in ``captions.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from fedmmkt_core.data import DataSplits, ImageSet, TaskSpec
+from fedmmkt_core.errors import DataError
+from fedmmkt_core.interfaces import ComponentConfig, Dataset
+from fedmmkt_core.lazy import lazy_import
+from fedmmkt_core.paths import InputPath
+
+from .dataset_digits import stratified_split
+
+PIL_Image = lazy_import("PIL.Image", "Install it with: pip install pillow")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ImageFolderConfig(ComponentConfig):
+    root: InputPath = Field(description="folder with one sub-folder of images per class")
+    image_size: int = Field(32, ge=4, description="images are resized to image_size x image_size")
+    channels: Literal[1, 3] = Field(3, description="1 = greyscale, 3 = RGB")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    oracle_fraction: float = Field(0.15, ge=0, lt=1)
+    public_fraction: float = Field(0.0, ge=0, lt=1)
+    caption_template: str = Field("a photo of a {name}", description="caption for images without one in captions.jsonl")
+    captions_file: str = Field("captions.jsonl", description='JSON lines {"file": "class/img.png", "caption": "..."}')
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageFolderConfig:
+        if self.test_fraction + self.oracle_fraction + self.public_fraction >= 0.9:
+            raise ValueError(
+                "test_fraction + oracle_fraction + public_fraction must leave at least 10% for the clients"
+            )
+        if "{name}" not in self.caption_template:
+            raise ValueError("caption_template must contain '{name}'")
+        return self
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>``; class names are the sorted folder names. Every bad file is named."""
+
+    Config = ImageFolderConfig
+    config: ImageFolderConfig
+
+    def load(self, seed: int) -> DataSplits:
+        cfg = self.config
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DataError(f"image folder {root} is not a directory")
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if len(class_dirs) < 2:
+            raise DataError(f"image folder {root} needs at least two class sub-folders, found {len(class_dirs)}")
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, class_dir in enumerate(class_dirs):
+            images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise DataError(f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += images
+            labels += [label] * len(images)
+        names = tuple(p.name for p in class_dirs)
+        captions = self._captions(root, files, names, labels)
+        pixels = np.stack([self._read(path) for path in files])
+        full = ImageSet(pixels, np.asarray(labels), captions)
+        parts = stratified_split(full.labels, [cfg.test_fraction, cfg.oracle_fraction, cfg.public_fraction], seed)
+        test, oracle, public, train = (full.subset(p) for p in parts)
+        return DataSplits(
+            task=TaskSpec(class_names=names, image_size=cfg.image_size, channels=cfg.channels),
+            train=train,
+            test=test,
+            oracle=oracle if len(oracle) else None,
+            public=public if len(public) else None,
+        )
+
+    def _read(self, path: Path) -> np.ndarray:
+        size = self.config.image_size
+        try:
+            with PIL_Image.open(path) as image:
+                image = image.convert("L" if self.config.channels == 1 else "RGB")
+                image = image.resize((size, size), PIL_Image.Resampling.BILINEAR)
+                array = np.asarray(image, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+        return array.reshape(size, size, self.config.channels)
+
+    def _captions(self, root: Path, files: list[Path], names: tuple[str, ...], labels: list[int]) -> list[str]:
+        captions = [self.config.caption_template.format(name=names[y]) for y in labels]
+        path = root / self.config.captions_file
+        if not path.exists():
+            return captions
+        index = {f.relative_to(root).as_posix(): i for i, f in enumerate(files)}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                file, caption = entry["file"], entry["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DataError(f'{path}:{number}: expected {{"file": ..., "caption": ...}} ({exc})') from None
+            if file not in index:
+                raise DataError(f"{path}:{number}: no image '{file}' under {root}")
+            if not isinstance(caption, str) or not caption.strip():
+                raise DataError(f"{path}:{number}: caption for '{file}' is empty")
+            captions[index[file]] = caption
+        return captions
