@@ -133,6 +133,69 @@ def schema() -> None:
     sys.stdout.write(json.dumps(_guard(recipe_json_schema, _guard(get_registry)), indent=2) + "\n")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory", show_default=False)],
+    plot: Annotated[bool, typer.Option(help="write curves.png into the run directory")] = True,
+) -> None:
+    """Print a run's summary and per-round table; write its curves."""
+    from fedmmkt_core.reporting import load_run, plot_curves
+
+    summary, rows = _guard(load_run, run_dir)
+    table = Table(title=f"summary ({run_dir})", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, _fmt(value))
+    out.print(table)
+    columns = [c for c in _ROUND_COLUMNS if any(c in r for r in rows)]
+    rounds = Table(title="rounds")
+    for column in columns:
+        rounds.add_column(column, justify="right")
+    for row in rows:
+        rounds.add_row(*(_fmt(row.get(c, "")) for c in columns))
+    out.print(rounds)
+    if plot and rows:
+        written = _guard(plot_curves, {str(run_dir): rows}, run_dir / "curves.png")
+        if written:
+            out.print(f"curves: {written}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="two or more run directories", show_default=False)],
+    plot_path: Annotated[Path, typer.Option("--plot", help="where to write the comparison plot")] = Path(
+        "comparison.png"
+    ),
+) -> None:
+    """Side-by-side summary of several runs, and a comparison plot."""
+    from fedmmkt_core.reporting import load_run, plot_curves
+
+    loaded = {str(d): _guard(load_run, d) for d in run_dirs}
+    keys: list[str] = []
+    for summary, _rows in loaded.values():
+        keys += [k for k in summary if k not in keys]
+    table = Table(title="comparison")
+    table.add_column("metric")
+    for name in loaded:
+        table.add_column(name, justify="right")
+    for key in keys:
+        table.add_row(key, *(_fmt(summary.get(key, "")) for summary, _ in loaded.values()))
+    out.print(table)
+    written = _guard(plot_curves, {name: rows for name, (_, rows) in loaded.items()}, plot_path)
+    if written:
+        out.print(f"plot: {written}")
+
+
+_ROUND_COLUMNS = (
+    "round",
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "generator_cas",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "seconds_round",
+)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
