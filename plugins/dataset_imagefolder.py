@@ -7,40 +7,25 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from fedmmkt_core.data import DataSplits, ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
-from fedmmkt_core.interfaces import ComponentConfig, Dataset
+from fedmmkt_core.interfaces import Dataset
 from fedmmkt_core.lazy import lazy_import
 from fedmmkt_core.paths import InputPath
-
-from .dataset_digits import stratified_split
+from fedmmkt_core.splits import SplitConfig, protocol_splits
 
 PIL_Image = lazy_import("PIL.Image", "Install it with: pip install pillow")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class ImageFolderConfig(ComponentConfig):
+class ImageFolderConfig(SplitConfig):
     root: InputPath = Field(description="folder with one sub-folder of images per class")
     image_size: int = Field(32, ge=4, description="images are resized to image_size x image_size")
     channels: Literal[1, 3] = Field(3, description="1 = greyscale, 3 = RGB")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    oracle_fraction: float = Field(0.15, ge=0, lt=1)
-    public_fraction: float = Field(0.0, ge=0, lt=1)
-    caption_template: str = Field("a photo of a {name}", description="caption for images without one in captions.jsonl")
     captions_file: str = Field("captions.jsonl", description='JSON lines {"file": "class/img.png", "caption": "..."}')
-
-    @model_validator(mode="after")
-    def _check(self) -> ImageFolderConfig:
-        if self.test_fraction + self.oracle_fraction + self.public_fraction >= 0.9:
-            raise ValueError(
-                "test_fraction + oracle_fraction + public_fraction must leave at least 10% for the clients"
-            )
-        if "{name}" not in self.caption_template:
-            raise ValueError("caption_template must contain '{name}'")
-        return self
 
 
 class ImageFolderDataset(Dataset):
@@ -69,15 +54,8 @@ class ImageFolderDataset(Dataset):
         captions = self._captions(root, files, names, labels)
         pixels = np.stack([self._read(path) for path in files])
         full = ImageSet(pixels, np.asarray(labels), captions)
-        parts = stratified_split(full.labels, [cfg.test_fraction, cfg.oracle_fraction, cfg.public_fraction], seed)
-        test, oracle, public, train = (full.subset(p) for p in parts)
-        return DataSplits(
-            task=TaskSpec(class_names=names, image_size=cfg.image_size, channels=cfg.channels),
-            train=train,
-            test=test,
-            oracle=oracle if len(oracle) else None,
-            public=public if len(public) else None,
-        )
+        task = TaskSpec(class_names=names, image_size=cfg.image_size, channels=cfg.channels)
+        return protocol_splits(full, task, cfg, seed)
 
     def _read(self, path: Path) -> np.ndarray:
         size = self.config.image_size
