@@ -1,0 +1,81 @@
+"""The evaluation oracle: a classifier trained on held-out real data of the clients' domain.
+
+No party trains on the oracle split. The oracle labels generated images (classification accuracy
+score, CAS) and embeds them for a Fréchet distance to real test images. Trained once per dataset,
+seed and config, and cached as safetensors under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedmmkt_core.data import ImageSet, TaskSpec
+from fedmmkt_core.errors import DataError
+from fedmmkt_core.rundir import load_safetensors, save_safetensors
+
+from .client_cnn import CNNClient, CNNConfig
+from .torch_classifier import torch
+
+ORACLE_VERSION = 1
+
+
+class EvaluationOracle:
+    """A CNN trained on the oracle split; ``cas`` and ``frechet_distance`` for generated images."""
+
+    def __init__(self, oracle_split: ImageSet | None, task: TaskSpec, cache_dir: Path, seed: int, epochs: int = 40):
+        if oracle_split is None or len(oracle_split) == 0:
+            raise DataError("the evaluation oracle needs an oracle split: set the dataset's oracle_fraction > 0")
+        config = CNNConfig(epochs=epochs, lr=0.003, batch_size=32, dropout=0.25)
+        self.model = CNNClient(config)
+        self.model.build(task, seed=seed)
+        key = hashlib.sha256()
+        key.update(oracle_split.images.tobytes())
+        key.update(oracle_split.labels.tobytes())
+        key.update(json.dumps([ORACLE_VERSION, seed, config.model_dump(mode="json"), list(task.class_names)]).encode())
+        self.cache_path = Path(cache_dir) / "oracles" / f"oracle-{key.hexdigest()[:20]}.safetensors"
+        self.from_cache = self.cache_path.exists()
+        if self.from_cache:
+            self.model.set_weights(load_safetensors(self.cache_path))
+        else:
+            self.model.fit(oracle_split, None, seed=seed)
+            save_safetensors(self.cache_path, self.model.get_weights())
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.model.predict_logits(images).argmax(axis=1)
+
+    def accuracy(self, data: ImageSet) -> float:
+        return float((self.predict(data.images) == data.labels).mean())
+
+    def cas(self, images: np.ndarray, class_ids: np.ndarray) -> float:
+        """Share of generated images the oracle labels as their prompt's class."""
+        return float((self.predict(images) == np.asarray(class_ids)).mean())
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Penultimate-layer activations (the oracle's feature space)."""
+        net = self.model.net
+        net.eval()
+        with torch.no_grad():
+            return net[:-1](self.model._tensor(images)).double().cpu().numpy()
+
+    def frechet_distance(self, images: np.ndarray, reference: np.ndarray) -> float:
+        """Fréchet distance between Gaussians fitted to the two image sets' oracle features."""
+        return frechet_distance(self.features(images), self.features(reference))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets ``[N, D]``.
+
+    Tr((S_a S_b)^(1/2)) = Tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), a symmetric PSD matrix, so two
+    eigendecompositions give it stably even for singular covariances.
+    """
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    trace_root = np.sqrt(np.clip(middle, 0.0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root)
