@@ -4,9 +4,10 @@ A backend (in-process, Flower...) only moves messages; what a client does with t
 so every backend runs the same client code. Message types:
 
 ``fit``       train locally. config: ``seed``, optional ``kd_weight``/``temperature``,
-              ``return_weights``; arrays: optional ``weights/*`` (start from these),
-              ``distill_images`` + ``distill_soft_labels``. Reply: ``num_samples`` and metrics,
-              plus ``weights/*`` when asked (FedAvg only).
+              ``return_weights``, ``logits_dtype``; arrays: optional ``weights/*`` (start from
+              these), ``distill_images`` + ``distill_soft_labels``, ``predict_images``.
+              Reply: ``num_samples`` and metrics, ``weights/*`` when asked (FedAvg only), and
+              ``logits`` + ``class_counts`` on ``predict_images`` after training when given.
 ``predict``   arrays: ``images`` uint8. Reply: ``logits`` float32, ``class_counts``, ``num_samples``.
 ``evaluate``  arrays: optional ``weights/*``. Reply: ``accuracy``, ``num_test``.
 """
@@ -24,6 +25,8 @@ from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
 
 MAX_SYNTHETIC_IMAGES = 100_000
+# Logits may travel as float16: half the upload, and soft labels need no more precision.
+LOGIT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class ClientRuntime:
@@ -68,17 +71,26 @@ class ClientRuntime:
                 weight=float(message.config.get("kd_weight", 1.0)),
                 temperature=float(message.config.get("temperature", 1.0)),
             )
+        predict_images = self._images(message, "predict_images") if "predict_images" in message.arrays else None
         metrics = self.model.fit(self.train, distill, seed=int(message.config["seed"]))
         self.weights_changed = True
         arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
+        if predict_images is not None:
+            arrays.update(self._logits(predict_images, str(message.config.get("logits_dtype", "float32"))))
         config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
         return Message("fit_reply", config, arrays)
 
-    def _predict(self, message: Message) -> Message:
-        images = self._images(message, "images")
+    def _logits(self, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+        if dtype not in LOGIT_DTYPES:
+            raise MessageError(f"logits_dtype must be one of {sorted(LOGIT_DTYPES)}, got '{dtype}'")
         logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)
         counts = self.train.class_counts(self.task.num_classes)
-        return Message("predict_reply", {"num_samples": len(self.train)}, {"logits": logits, "class_counts": counts})
+        return {"logits": logits.astype(LOGIT_DTYPES[dtype]), "class_counts": counts}
+
+    def _predict(self, message: Message) -> Message:
+        images = self._images(message, "images")
+        arrays = self._logits(images, str(message.config.get("logits_dtype", "float32")))
+        return Message("predict_reply", {"num_samples": len(self.train)}, arrays)
 
     def _evaluate(self, message: Message) -> Message:
         self._maybe_set_weights(message)

@@ -46,6 +46,11 @@ class TaskSpec:
     class_names: tuple[str, ...]
     image_size: int
     channels: int
+    caption_template: str = "a photo of a {name}"
+
+    def prompt(self, class_id: int) -> str:
+        """The caption of class ``class_id`` (the prompt a generator is asked for it with)."""
+        return self.caption_template.format(name=self.class_names[class_id])
 
     @property
     def num_classes(self) -> int:

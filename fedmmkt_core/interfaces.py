@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .context import RunContext
     from .recipe import Recipe
     from .wire import Message
+
+
+Progress = Callable[[str, int, int], None]
+"""``progress(task, completed, total)``: long work (pre-training...) reports how far it got."""
 
 
 class ComponentConfig(BaseModel):
@@ -147,17 +151,50 @@ class Aggregator(Component):
 
 @dataclass
 class AlignmentBatch:
-    """Synthetic pairs with the clients' verdict, for fine-tuning the generator."""
+    """Synthetic pairs with the clients' verdict, for fine-tuning the generator.
+
+    ``soft_labels`` are the federation's aggregated soft labels on ``images``; ``class_prompts``
+    holds one prompt per class (losses that re-caption an image use it).
+    """
 
     images: np.ndarray
     prompts: list[str]
     class_ids: np.ndarray
     soft_labels: np.ndarray
+    class_prompts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
 
     @property
     def alignment(self) -> np.ndarray:
         """a_j = q[j, c_j]: how strongly the clients agree image j shows its prompt's class."""
         return self.soft_labels[np.arange(len(self.class_ids)), self.class_ids]
+
+    def subset(self, indices: np.ndarray) -> AlignmentBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        return AlignmentBatch(
+            self.images[idx],
+            [self.prompts[i] for i in idx],
+            self.class_ids[idx],
+            self.soft_labels[idx],
+            self.class_prompts,
+        )
+
+
+@dataclass
+class DenoisingStep:
+    """One fine-tuning step of a diffusion generator on a mini-batch, as alignment losses see it.
+
+    Tensors are in the generator's framework and carry gradient into its adapter.
+    """
+
+    per_sample_loss: Any
+    """``[B]`` the diffusion (denoising) loss of each pair."""
+    predicted_images: Any
+    """``[B, C, H, W]`` in [-1, 1] at the task's size: the x̂₀ prediction decoded to pixels."""
+    signal_weight: Any
+    """``[B]`` ᾱ_t of each pair's timestep: near 1 where x̂₀ is sharp, near 0 where it is noise."""
 
 
 class Generator(Component):
@@ -166,18 +203,29 @@ class Generator(Component):
     kind = "generator"
 
     @abstractmethod
-    def build(self, task: TaskSpec, seed: int, cache_dir: Path) -> None:
-        """Load or create the base model (pre-training it if the recipe asks) and the adapter."""
+    def build(
+        self,
+        task: TaskSpec,
+        seed: int,
+        cache_dir: Path,
+        public: ImageSet | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Load or create the base model (pre-training it on ``public`` if configured) and the adapter."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        """uint8 images ``[N, H, W, C]``, one per prompt, each reproducible from its seed."""
+        """uint8 images ``[N, H, W, C]`` at the task's size, one per prompt, each reproducible from its seed."""
 
     @abstractmethod
     def fine_tune(
         self, batch: AlignmentBatch, losses: Sequence[tuple[AlignmentLoss, float]], seed: int
     ) -> dict[str, float]:
-        """Update the adapter with the weighted sum of ``losses`` on ``batch``."""
+        """Update the adapter with the weighted sum of ``losses`` on ``batch``; return training metrics."""
+
+    def denoise(self, batch: AlignmentBatch, seed: int) -> DenoisingStep:
+        """A :class:`DenoisingStep` on ``batch`` (diffusion generators; used by alignment losses)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose denoising steps")
 
     @abstractmethod
     def save_adapter(self, path: Path) -> None:
@@ -189,13 +237,25 @@ class Generator(Component):
 
 
 class AlignmentLoss(Component):
-    """A loss that pulls the generator towards what the clients recognise."""
+    """A loss that pulls the generator towards what the clients recognise.
+
+    The generator calls :meth:`prepare` once per fine-tuning call with the whole batch, draws
+    mini-batches from the samples some loss marks :meth:`active`, and sums ``weight * compute(...)``.
+    """
 
     kind = "alignment_loss"
 
+    def prepare(self, batch: AlignmentBatch, task: TaskSpec, seed: int) -> None:
+        """Called once with the whole batch before the mini-batch steps (e.g. to fit a helper model)."""
+
+    def active(self, batch: AlignmentBatch) -> np.ndarray:
+        """Boolean mask of the samples this loss learns from (others are never drawn for it)."""
+        return np.ones(len(batch), dtype=bool)
+
     @abstractmethod
     def compute(self, generator: Generator, batch: AlignmentBatch, seed: int) -> Any:
-        """A scalar loss in the generator's framework (e.g. a torch tensor with gradient)."""
+        """A scalar loss on the mini-batch ``batch`` (a framework tensor with gradient), or ``None``
+        when nothing in it concerns this loss."""
 
 
 class Algorithm(Component):

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from .seeding import seed_everything
 
 log = logging.getLogger("fedmmkt")
 
-SUMMARY_FROM_LAST_ROUND = ("client_accuracy_mean", "client_accuracy_min")
+SUMMARY_FROM_LAST_ROUND = (
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "generator_cas_initial",
+    "generator_cas",
+    "generator_fid_initial",
+    "generator_fid",
+    "alignment_rate",
+)
 
 
 class RunFailed(Exception):
@@ -101,7 +110,13 @@ class Runner:
             ctx.aggregator = recipe.build("aggregator", recipe.aggregator)  # type: ignore[assignment]
         if recipe.generator is not None:
             generator = recipe.build("generator", recipe.generator)
-            generator.build(ctx.task, seed=ctx.seed_for("generator"), cache_dir=cache_dir())  # type: ignore[attr-defined]
+            generator.build(  # type: ignore[attr-defined]
+                ctx.task,
+                seed=ctx.seed_for("generator"),
+                cache_dir=cache_dir(),
+                public=splits.public,
+                progress=self._progress_events(),
+            )
             ctx.generator = generator  # type: ignore[assignment]
         ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
         algorithm = recipe.build("algorithm", recipe.algorithm)
@@ -133,6 +148,20 @@ class Runner:
             return summary
         finally:
             backend.stop()
+
+    def _progress_events(self) -> Callable[[str, int, int], None]:
+        """Turn ``progress(task, completed, total)`` calls into the phase events progress bars follow."""
+        seen: dict[str, int] = {}
+
+        def progress(task: str, completed: int, total: int) -> None:
+            if task not in seen:
+                seen[task] = 0
+                self.events("phase_start", name=task, total=total)
+            if completed > seen[task]:
+                self.events("phase_advance", name=task, advance=completed - seen[task])
+                seen[task] = completed
+
+        return progress
 
     def _round(self, ctx: RunContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
         start = time.perf_counter()

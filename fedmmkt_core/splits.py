@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import numpy as np
 from pydantic import Field, model_validator
 
@@ -18,6 +21,13 @@ class SplitConfig(ComponentConfig):
     )
     public_fraction: float = Field(0.0, ge=0, lt=1, description="the server's public split (generator pre-training)")
     caption_template: str = Field("a photo of a {name}", description="caption from the class name")
+    public_style: Literal["same", "inverted"] = Field(
+        "same",
+        description="domain gap of the server's public split: 'inverted' stores a share of it as negatives "
+        "(another acquisition: dark strokes on a light ground), so the server's generator does not know the "
+        "clients' domain",
+    )
+    public_style_fraction: float = Field(0.7, ge=0, le=1, description="share of the public split in public_style")
 
     @model_validator(mode="after")
     def _check_shares(self) -> SplitConfig:
@@ -47,10 +57,20 @@ def protocol_splits(full: ImageSet, task: TaskSpec, config: SplitConfig, seed: i
     """Stratified test / oracle / public splits of ``full``; the rest is the clients' training data."""
     fractions = [config.test_fraction, config.oracle_fraction, config.public_fraction]
     test, oracle, public, train = (full.subset(p) for p in stratified_split(full.labels, fractions, seed))
+    if config.public_style == "inverted" and len(public):
+        public = shifted_style(public, config.public_style_fraction, seed)
     return DataSplits(
-        task=task,
+        task=dataclasses.replace(task, caption_template=config.caption_template),
         train=train,
         test=test,
         oracle=oracle if len(oracle) else None,
         public=public if len(public) else None,
     )
+
+
+def shifted_style(data: ImageSet, fraction: float, seed: int) -> ImageSet:
+    """Invert a stratified ``fraction`` of ``data`` (the same share of every class)."""
+    (chosen, _rest) = stratified_split(data.labels, [fraction], seed + 1)
+    images = data.images.copy()
+    images[chosen] = 255 - images[chosen]
+    return ImageSet(images, data.labels, data.captions)
