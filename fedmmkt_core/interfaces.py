@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -182,19 +183,24 @@ class AlignmentBatch:
         )
 
 
-@dataclass
 class DenoisingStep:
     """One fine-tuning step of a diffusion generator on a mini-batch, as alignment losses see it.
 
     Tensors are in the generator's framework and carry gradient into its adapter.
+    ``per_sample_loss [B]``: the diffusion (denoising) loss of each pair.
+    ``signal_weight [B]``: ᾱ_t of each pair's timestep, near 1 where x̂₀ is sharp, near 0 where it is noise.
+    ``predicted_images [B, C, H, W]``: the x̂₀ prediction decoded to pixels in [-1, 1] at the task's size,
+    computed on first use (decoding costs a VAE pass).
     """
 
-    per_sample_loss: Any
-    """``[B]`` the diffusion (denoising) loss of each pair."""
-    predicted_images: Any
-    """``[B, C, H, W]`` in [-1, 1] at the task's size: the x̂₀ prediction decoded to pixels."""
-    signal_weight: Any
-    """``[B]`` ᾱ_t of each pair's timestep: near 1 where x̂₀ is sharp, near 0 where it is noise."""
+    def __init__(self, per_sample_loss: Any, signal_weight: Any, decode: Callable[[], Any]):
+        self.per_sample_loss = per_sample_loss
+        self.signal_weight = signal_weight
+        self._decode = decode
+
+    @cached_property
+    def predicted_images(self) -> Any:
+        return self._decode()
 
 
 class Generator(Component):

@@ -14,6 +14,7 @@ from .client_cnn import CNNClient
 from .client_resnet import ResNetClient
 from .client_vit import ViTClient
 from .dataset_digits import DigitsDataset
+from .dataset_hf import HFDiskDataset
 from .dataset_imagefolder import ImageFolderDataset
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger
@@ -26,6 +27,7 @@ from .partitioner_shards import ShardsPartitioner
 def register_datasets(register):
     register("digits", DigitsDataset)
     register("imagefolder", ImageFolderDataset)
+    register("hf-disk", HFDiskDataset)
 
 
 @hookimpl

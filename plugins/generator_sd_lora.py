@@ -1,0 +1,600 @@
+"""Stable Diffusion with a LoRA adapter on the UNet's attention projections (diffusers + peft).
+
+Two ways to get the base pipeline:
+
+* ``model``: a local diffusers Stable Diffusion directory (or a hub id when a hub is reachable);
+* no ``model``: a *tiny* Stable Diffusion built offline from configs (word-level tokenizer, small CLIP
+  text encoder, a VAE without down-sampling, a UNet with cross-attention at every level), pre-trained
+  by the toolkit on the dataset's public split and cached by a hash of everything that shapes it.
+
+Only the LoRA weights are ever trained after pre-training, and only they are saved (safetensors in
+diffusers' format, so ``pipeline.load_lora_weights`` reads them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedmmkt_core.data import ImageSet, TaskSpec
+from fedmmkt_core.errors import DataError, UserError
+from fedmmkt_core.interfaces import (
+    AlignmentBatch,
+    AlignmentLoss,
+    ComponentConfig,
+    DenoisingStep,
+    Generator,
+    Progress,
+)
+from fedmmkt_core.lazy import lazy_import
+from fedmmkt_core.seeding import derive_seed
+
+HINT = 'Install the diffusion extra: pip install "fedmmkt[diffusion]"'
+torch = lazy_import("torch", HINT)
+diffusers = lazy_import("diffusers", HINT)
+peft = lazy_import("peft", HINT)
+transformers = lazy_import("transformers", HINT)
+tokenizers = lazy_import("tokenizers", HINT)
+
+log = logging.getLogger("fedmmkt")
+
+TINY_VERSION = 1  # bump when the tiny pipeline or its pre-training changes, to invalidate caches
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+class TinyPipelineConfig(ComponentConfig):
+    """Sizes of the tiny Stable Diffusion built from configs (when no ``model`` is given)."""
+
+    unet_channels: tuple[int, ...] = Field((32, 64), description="UNet block widths (one level per entry)")
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    text_hidden: int = Field(32, ge=8, description="text encoder width (= the UNet's cross-attention width)")
+    text_layers: int = Field(1, ge=1)
+    text_heads: int = Field(2, ge=1)
+    max_prompt_tokens: int = Field(16, ge=4, description="prompt length in words, including begin/end tokens")
+    vae_channels: int = Field(32, ge=8, description="VAE width (one level: latents keep the image size)")
+    latent_channels: int = Field(4, ge=1)
+
+
+class PretrainConfig(ComponentConfig):
+    """Pre-training of the tiny pipeline on the public split (cached)."""
+
+    vae_steps: int = Field(400, ge=0, description="VAE reconstruction steps")
+    steps: int = Field(1500, ge=0, description="denoising steps for the UNet and text encoder")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty prompts (classifier-free guidance)")
+
+
+class LoraSettings(ComponentConfig):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet modules that get LoRA"
+    )
+
+
+class SDLoraConfig(ComponentConfig):
+    model: str | None = Field(
+        None, description="local diffusers Stable Diffusion directory or hub id; null builds the tiny pipeline"
+    )
+    tiny: TinyPipelineConfig = TinyPipelineConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    lora: LoraSettings = LoraSettings()
+    num_inference_steps: int = Field(10, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    resolution: int | None = Field(None, ge=8, description="generation size; default: the task's image size")
+    generation_batch_size: int = Field(256, ge=1)
+    fine_tune_steps: int = Field(100, ge=0, description="LoRA optimisation steps per fine-tuning call")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the frozen base; LoRA weights always train in float32"
+    )
+
+
+class SDLoraGenerator(Generator):
+    """A diffusers Stable Diffusion pipeline whose UNet attention is adapted with peft LoRA."""
+
+    Config = SDLoraConfig
+    config: SDLoraConfig
+
+    # ------------------------------------------------------------------ building
+    def build(
+        self,
+        task: TaskSpec,
+        seed: int,
+        cache_dir: Path,
+        public: ImageSet | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        quiet_libraries()
+        cfg = self.config
+        self.task = task
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        if self.device.type == "cpu" and cfg.dtype == "float16":
+            raise UserError("generator.params.dtype: float16 needs CUDA; use float32 or bfloat16 on a CPU")
+        torch.manual_seed(seed)
+        if cfg.model is None:
+            self.pipe = self._tiny_pipeline(task, seed, Path(cache_dir), public, progress)
+        else:
+            self.pipe = load_pipeline(cfg.model, self.dtype)
+        pipe = self.pipe
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        pipe.to(self.device, self.dtype)
+        lora = cfg.lora
+        pipe.unet.add_adapter(
+            peft.LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(lora.targets),
+            )
+        )
+        # Mixed precision: the frozen base may be half precision, the trained adapter stays float32.
+        for param in self.lora_parameters():
+            param.data = param.data.float()
+        self.resolution = cfg.resolution or (
+            task.image_size if cfg.model is None else int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+        )
+        self._embedding_cache: dict[str, Any] = {}
+        self._last_step: tuple[int, int, DenoisingStep] | None = None
+
+    def lora_parameters(self) -> list[Any]:
+        return [p for name, p in self.pipe.unet.named_parameters() if "lora_" in name]
+
+    def _tiny_pipeline(
+        self, task: TaskSpec, seed: int, cache_dir: Path, public: ImageSet | None, progress: Progress | None
+    ) -> Any:
+        if public is None or len(public) == 0:
+            raise DataError(
+                "the tiny sd-lora generator is pre-trained on the dataset's public split, which is empty: "
+                "set data.dataset.params.public_fraction > 0 (or give generator.params.model)"
+            )
+        captions = public.captions or [task.prompt(int(y)) for y in public.labels]
+        cfg = self.config
+        key = hashlib.sha256()
+        key.update(
+            json.dumps(
+                [TINY_VERSION, seed, cfg.tiny.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json")]
+                + [list(task.class_names), task.image_size, task.channels, task.caption_template]
+            ).encode()
+        )
+        key.update(public.images.tobytes())
+        key.update(public.labels.tobytes())
+        key.update("\n".join(captions).encode())
+        directory = cache_dir / "generators" / f"sd-tiny-{key.hexdigest()[:20]}"
+        if (directory / "model_index.json").exists():
+            log.info("tiny generator: loading the pre-trained pipeline from %s", directory)
+            self.cache_hit = True
+            return load_pipeline(str(directory), torch.float32)
+        self.cache_hit = False
+        words = sorted(
+            {w for text in [*captions, *(task.prompt(c) for c in range(task.num_classes))] for w in split_words(text)}
+        )
+        pipe = build_tiny_pipeline(cfg.tiny, task.channels, words, seed)
+        pretrain_tiny(pipe, public, captions, cfg.pretrain, seed, progress)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        pipe.save_pretrained(staging, safe_serialization=True)
+        try:
+            os.replace(staging, directory)
+        except OSError:  # another run finished the same pre-training first
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("tiny generator: pre-trained and cached in %s", directory)
+        return pipe
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        cfg = self.config
+        outputs = []
+        for start in range(0, len(prompts), cfg.generation_batch_size):
+            chunk = list(prompts[start : start + cfg.generation_batch_size])
+            generators = [
+                torch.Generator(self.device).manual_seed(int(s))
+                for s in seeds[start : start + cfg.generation_batch_size]
+            ]
+            with torch.no_grad():
+                result = self.pipe(
+                    chunk,
+                    num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale,
+                    generator=generators,
+                    height=self.resolution,
+                    width=self.resolution,
+                    output_type="pt",
+                )
+            outputs.append(self._to_task_images(result.images.float() * 2 - 1))
+        if not outputs:
+            return np.zeros((0, self.task.image_size, self.task.image_size, self.task.channels), dtype=np.uint8)
+        return np.concatenate(outputs)
+
+    def _to_task_images(self, images: Any) -> np.ndarray:
+        """Float ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` at the task's size and channels."""
+        images = to_task_geometry(images, self.task)
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ training
+    def _pixels(self, images: np.ndarray) -> Any:
+        """uint8 ``[N, H, W, C]`` -> float ``[N, C', R, R]`` in [-1, 1] for the VAE."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = match_channels(x, int(self.pipe.vae.config.in_channels))
+        if x.shape[-1] != self.resolution:
+            x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear")
+        return x.to(self.device, self.dtype)
+
+    def _embeddings(self, prompts: Sequence[str]) -> Any:
+        missing = sorted({p for p in prompts if p not in self._embedding_cache})
+        if missing:
+            tokenizer = self.pipe.tokenizer
+            ids = tokenizer(
+                missing,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            with torch.no_grad():
+                states = self.pipe.text_encoder(ids)[0]
+            for prompt, state in zip(missing, states, strict=True):
+                self._embedding_cache[prompt] = state
+        return torch.stack([self._embedding_cache[p] for p in prompts])
+
+    def denoise(self, batch: AlignmentBatch, seed: int) -> DenoisingStep:
+        if self._last_step is not None and self._last_step[:2] == (id(batch), seed):
+            return self._last_step[2]
+        pipe = self.pipe
+        scheduler = pipe.scheduler
+        g = torch.Generator().manual_seed(seed)
+        scaling = float(pipe.vae.config.scaling_factor)
+        with torch.no_grad():
+            posterior = pipe.vae.encode(self._pixels(batch.images)).latent_dist
+            noise_for_posterior = torch.randn(posterior.mean.shape, generator=g).to(self.device, self.dtype)
+            latents = (posterior.mean + posterior.std * noise_for_posterior) * scaling
+        noise = torch.randn(latents.shape, generator=g).to(self.device, self.dtype)
+        steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(self.device)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        prediction = pipe.unet(noisy, steps, encoder_hidden_states=self._embeddings(batch.prompts)).sample.float()
+        alpha_bar = scheduler.alphas_cumprod.to(self.device)[steps].float().view(-1, 1, 1, 1)
+        noisy32 = noisy.float()
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, steps).float()
+            x0 = alpha_bar.sqrt() * noisy32 - (1 - alpha_bar).sqrt() * prediction
+        else:
+            target = noise.float()
+            x0 = (noisy32 - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+        per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+
+        def decode() -> Any:
+            decoded = pipe.vae.decode((x0 / scaling).to(self.dtype)).sample.float()
+            return to_task_geometry(decoded.clamp(-1, 1), self.task)
+
+        step = DenoisingStep(per_sample, alpha_bar.view(-1), decode)
+        self._last_step = (id(batch), seed, step)
+        return step
+
+    def fine_tune(
+        self, batch: AlignmentBatch, losses: Sequence[tuple[AlignmentLoss, float]], seed: int
+    ) -> dict[str, float]:
+        cfg = self.config
+        active_losses = [(loss, weight) for loss, weight in losses if weight != 0]
+        if not active_losses or cfg.fine_tune_steps == 0 or len(batch) == 0:
+            return {"generator_steps": 0.0}
+        for loss, _ in active_losses:
+            loss.prepare(batch, self.task, derive_seed(seed, "prepare", type(loss).__name__))
+        pool = np.flatnonzero(np.logical_or.reduce([np.asarray(loss.active(batch), bool) for loss, _ in active_losses]))
+        if len(pool) == 0:
+            log.info("generator fine-tuning skipped: no sample is active for any alignment loss")
+            return {"generator_steps": 0.0, "generator_pool": 0.0}
+        params = self.lora_parameters()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        rng = np.random.default_rng(seed)
+        totals: dict[str, float] = {}
+        done = 0
+        self.pipe.unet.train()
+        try:
+            for step in range(cfg.fine_tune_steps):
+                size = min(cfg.batch_size, len(pool))
+                mini = batch.subset(np.sort(rng.choice(pool, size=size, replace=False)))
+                step_seed = derive_seed(seed, "step", step)
+                total = None
+                for loss, weight in active_losses:
+                    value = loss.compute(self, mini, step_seed)
+                    if value is None:
+                        continue
+                    name = f"loss_{type(loss).__name__}"
+                    totals[name] = totals.get(name, 0.0) + float(value.detach())
+                    total = weight * value if total is None else total + weight * value
+                if total is None:
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                done += 1
+        finally:
+            self.pipe.unet.eval()
+            self._last_step = None
+        metrics = {k: v / max(done, 1) for k, v in totals.items()}
+        metrics.update({"generator_steps": float(done), "generator_pool": float(len(pool))})
+        return metrics
+
+    # ------------------------------------------------------------------ adapter files
+    def adapter_state(self) -> dict[str, Any]:
+        """The LoRA weights in diffusers' format (keys as ``load_lora_weights`` expects, without prefix)."""
+        state = peft.utils.get_peft_model_state_dict(self.pipe.unet)
+        return diffusers.utils.convert_state_dict_to_diffusers(state)
+
+    def save_adapter(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".lora.", dir=path.parent))
+        try:
+            diffusers.StableDiffusionPipeline.save_lora_weights(
+                staging,
+                unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in self.adapter_state().items()},
+                safe_serialization=True,
+                weight_name=path.name,
+            )
+            os.replace(staging / path.name, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load_adapter(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # truncated or not a safetensors file
+            raise DataError(f"{path}: not a readable LoRA safetensors file ({exc})") from None
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        expected = self.adapter_state()
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or extra:
+            raise DataError(
+                f"{path}: LoRA weights do not match this generator (rank/targets/model): "
+                f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise DataError(
+                    f"{path}: LoRA weight '{key}' has shape {tuple(value.shape)}, this generator's has "
+                    f"{tuple(expected[key].shape)} (another rank?)"
+                )
+        peft_state = diffusers.utils.convert_unet_state_dict_to_peft(state)
+        peft.set_peft_model_state_dict(self.pipe.unet, peft_state, adapter_name="default")
+        self._last_step = None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and notices meant for notebooks."""
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_pipeline(model: str, dtype: Any) -> Any:
+    """A diffusers Stable Diffusion pipeline from a local directory (or a hub id when online)."""
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or model.startswith((".", "/", "~")):
+            raise UserError(
+                f"generator.params.model: '{model}' is not a local directory"
+                + (
+                    " and the model hub is offline (HF_HUB_OFFLINE=1)"
+                    if os.environ.get("HF_HUB_OFFLINE") == "1"
+                    else ""
+                )
+            )
+    elif not (local / "model_index.json").exists():
+        raise UserError(f"generator.params.model: {local} has no model_index.json (not a diffusers pipeline folder)")
+    try:
+        return diffusers.StableDiffusionPipeline.from_pretrained(
+            str(local) if local.is_dir() else model,
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"generator.params.model: could not load '{model}': {exc}") from None
+
+
+def split_words(text: str) -> list[str]:
+    return text.lower().replace(",", " ").replace(".", " ").split()
+
+
+def build_word_tokenizer(words: Sequence[str], max_length: int) -> Any:
+    """A word-level tokenizer (whole words condition a tiny model far better than characters)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = tokenizers.normalizers.Lowercase()
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    core.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_pipeline(cfg: TinyPipelineConfig, channels: int, words: Sequence[str], seed: int) -> Any:
+    """A real ``StableDiffusionPipeline`` with tiny, freshly initialised components."""
+    torch.manual_seed(seed)
+    tokenizer = build_word_tokenizer(words, cfg.max_prompt_tokens)
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_prompt_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    levels = len(cfg.unet_channels)
+    groups = min(8, *cfg.unet_channels)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=groups,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(cfg.vae_channels,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(8, cfg.vae_channels),
+        sample_size=8,
+    )
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def pretrain_tiny(
+    pipe: Any, public: ImageSet, captions: Sequence[str], cfg: PretrainConfig, seed: int, progress: Progress | None
+) -> None:
+    """Train the tiny pipeline on the public split: the VAE first, then UNet and text encoder together."""
+    report = progress or (lambda task, done, total: None)
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.from_numpy(public.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    n = len(pixels)
+    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+
+    def batches(total: int) -> Any:
+        for step in range(total):
+            yield step, torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
+
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    for step, idx in batches(cfg.vae_steps):
+        posterior = vae.encode(pixels[idx]).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = torch.nn.functional.mse_loss(recon, pixels[idx]) + 1e-4 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 20 == 0 or step == cfg.vae_steps - 1:
+            report("pretrain generator: VAE", step + 1, cfg.vae_steps)
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
+    scaling = float(1.0 / means.std().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=scaling)
+    latents = means * scaling
+
+    tokenizer = pipe.tokenizer
+    text = [*captions, ""]
+    ids = tokenizer(
+        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    empty = len(captions)
+    scheduler = pipe.scheduler
+    alphas = scheduler.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    for step, idx in batches(cfg.steps):
+        drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
+        caption_idx = torch.where(drop, torch.full_like(idx, empty), idx)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        prediction = unet(noisy, t, encoder_hidden_states=text_encoder(ids[caption_idx])[0]).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % 20 == 0 or step == cfg.steps - 1:
+            report("pretrain generator: UNet", step + 1, cfg.steps)
+    unet.eval()
+    text_encoder.eval()
+
+
+def match_channels(images: Any, channels: int) -> Any:
+    """Grey <-> RGB by averaging or repeating the channel axis of ``[N, C, H, W]``."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if channels == 1:
+        return images.mean(dim=1, keepdim=True)
+    if have == 1:
+        return images.repeat(1, channels, 1, 1)
+    raise DataError(f"cannot convert {have}-channel images to {channels} channels")
+
+
+def to_task_geometry(images: Any, task: TaskSpec) -> Any:
+    """Resize ``[N, C, H, W]`` to the task's square size (area averaging when shrinking) and channels."""
+    images = match_channels(images, task.channels)
+    if images.shape[-1] != task.image_size:
+        mode = "area" if images.shape[-1] > task.image_size else "bilinear"
+        images = torch.nn.functional.interpolate(images, size=(task.image_size, task.image_size), mode=mode)
+    return images
