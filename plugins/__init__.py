@@ -8,6 +8,10 @@ from fedmmkt_core.hookspecs import hookimpl
 
 from .aggregator_kd import KDAggregator
 from .algorithm_fedavg import FedAvg
+from .algorithm_feddf import FedDF
+from .algorithm_fedmmkt import FedMMKT
+from .algorithm_fedmmkt_frozen import FedMMKTFrozenGenerator
+from .algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
 from .algorithm_local import LocalOnly
 from .backend_inprocess import InProcessBackend
 from .client_cnn import CNNClient
@@ -16,8 +20,12 @@ from .client_vit import ViTClient
 from .dataset_digits import DigitsDataset
 from .dataset_hf import HFDiskDataset
 from .dataset_imagefolder import ImageFolderDataset
+from .generator_sd_lora import SDLoraGenerator
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger
+from .loss_ensemble_ce import EnsembleCELoss
+from .loss_relabel_denoising import RelabelDenoisingLoss
+from .loss_weighted_denoising import WeightedDenoisingLoss
 from .partitioner_dirichlet import DirichletPartitioner
 from .partitioner_iid import IIDPartitioner
 from .partitioner_shards import ShardsPartitioner
@@ -53,6 +61,10 @@ def register_aggregators(register):
 def register_algorithms(register):
     register("local", LocalOnly)
     register("fedavg", FedAvg)
+    register("feddf", FedDF)
+    register("fedmmkt", FedMMKT)
+    register("fedmmkt-frozen-generator", FedMMKTFrozenGenerator)
+    register("fedmmkt-no-feedback", FedMMKTNoFeedback)
 
 
 @hookimpl
@@ -64,3 +76,15 @@ def register_backends(register):
 def register_loggers(register):
     register("console", ConsoleLogger)
     register("csv", CSVLogger)
+
+
+@hookimpl
+def register_generators(register):
+    register("sd-lora", SDLoraGenerator)
+
+
+@hookimpl
+def register_alignment_losses(register):
+    register("weighted-denoising", WeightedDenoisingLoss)
+    register("ensemble-ce", EnsembleCELoss)
+    register("relabel-denoising", RelabelDenoisingLoss)

@@ -3,9 +3,11 @@
 from fedmmkt_core.testing import (
     AggregatorTests,
     AlgorithmTests,
+    AlignmentLossTests,
     BackendTests,
     ClientModelTests,
     DatasetTests,
+    GeneratorTests,
     LoggerTests,
     PartitionerTests,
 )
@@ -89,3 +91,62 @@ class TestInProcess(BackendTests):
 class TestInProcessResident(BackendTests):
     name = "inprocess"
     params = {"resident_clients": 2}
+
+
+TINY_SD = {
+    "pretrain": {"vae_steps": 20, "steps": 30},
+    "fine_tune_steps": 3,
+    "batch_size": 16,
+    "num_inference_steps": 4,
+}
+FEDMMKT_RECIPE = {
+    "data.dataset.params": {"public_fraction": 0.2, "public_style": "inverted"},
+    "generator": {"name": "sd-lora", "params": TINY_SD},
+    "alignment_losses": [{"name": "weighted-denoising", "params": {"threshold": 0.3}}],
+}
+FEDMMKT_PARAMS = {"samples_per_class": 4, "eval_samples_per_class": 4}
+
+
+class TestSDLora(GeneratorTests):
+    name = "sd-lora"
+    params = TINY_SD
+
+
+class TestWeightedDenoising(AlignmentLossTests):
+    name = "weighted-denoising"
+    params = {"threshold": 0.5}
+
+
+class TestEnsembleCE(AlignmentLossTests):
+    name = "ensemble-ce"
+    params = {"student_epochs": 2}
+
+
+class TestRelabelDenoising(AlignmentLossTests):
+    name = "relabel-denoising"
+    params = {"confidence": 0.6}
+    soft_labels = "disagree"
+
+
+class TestFedMMKT(AlgorithmTests):
+    name = "fedmmkt"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
+
+
+class TestFedMMKTFrozen(AlgorithmTests):
+    name = "fedmmkt-frozen-generator"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
+
+
+class TestFedMMKTNoFeedback(AlgorithmTests):
+    name = "fedmmkt-no-feedback"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
+
+
+class TestFedDF(AlgorithmTests):
+    name = "feddf"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE

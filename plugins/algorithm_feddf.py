@@ -1,0 +1,24 @@
+"""FedDF (Lin et al., NeurIPS 2020) on synthetic data: ensemble distillation, generator frozen.
+
+FedDF distils the average of the clients' logits. With heterogeneous clients there is no server
+model to average, so each client distils the ensemble on the frozen generator's samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmmkt_core.wire import Message
+
+from .aggregator_kd import softmax
+from .algorithm_fedmmkt import FedMMKT
+
+
+class FedDF(FedMMKT):
+    """Frozen generator; soft labels = softmax of the clients' mean logits (the recipe's aggregator is unused)."""
+
+    update_generator = False
+
+    def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
+        logits = np.mean([reply.arrays["logits"].astype(np.float64) for _, reply in sorted(replies.items())], axis=0)
+        return softmax(logits, self.config.kd_temperature)

@@ -1,0 +1,195 @@
+"""FedMMKT: the server's text-to-image model and the clients' task models teach each other.
+
+One round (DESIGN.md §2): synthesize a class-balanced set S_r with the generator; every sampled
+client trains on its private data plus KD on last round's set with last round's soft labels, then
+returns logits on S_r; the KD aggregator turns them into soft labels q_r; the alignment a_j = q_r[j, c_j]
+tells which images really show their prompt; the generator's LoRA is fine-tuned with the recipe's
+alignment losses. Only synthetic images, soft labels and logits cross the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedmmkt_core.context import RunContext
+from fedmmkt_core.errors import RecipeIssue
+from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
+from fedmmkt_core.recipe import Recipe
+from fedmmkt_core.runner import cache_dir
+from fedmmkt_core.wire import Message, MessageError
+
+from .aggregator_kd import KDAggregator
+
+
+class FedMMKTConfig(ComponentConfig):
+    samples_per_class: int = Field(30, ge=1, description="synthetic pairs per class per round")
+    kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
+    kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
+    logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
+    alignment_threshold: float = Field(0.5, ge=0, le=1, description="a_j at or above this counts as aligned")
+    evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
+    eval_samples_per_class: int = Field(30, ge=2, description="images per class for CAS / Fréchet distance")
+    grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
+
+
+class FedMMKT(Algorithm):
+    """Co-enhancement of a server generator and heterogeneous client models."""
+
+    Config = FedMMKTConfig
+    config: FedMMKTConfig
+    needs_generator = True
+    update_generator: ClassVar[bool] = True
+    client_feedback: ClassVar[bool] = True
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
+        issues = []
+        name = recipe.algorithm.name
+        if recipe.generator is None:
+            issues.append(RecipeIssue("generator", f"algorithm '{name}' needs a generator (e.g. name: sd-lora)"))
+        if cls.update_generator and not recipe.alignment_losses:
+            issues.append(
+                RecipeIssue(
+                    "alignment_losses",
+                    f"algorithm '{name}' fine-tunes the generator and needs at least one alignment loss "
+                    "(e.g. - name: weighted-denoising)",
+                )
+            )
+        return issues
+
+    # ------------------------------------------------------------------ set-up and state
+    def setup(self, ctx: RunContext) -> None:
+        task = ctx.task
+        self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
+        self.aggregator = ctx.aggregator if ctx.aggregator is not None else KDAggregator()
+        self.previous: tuple[np.ndarray, np.ndarray] | None = None
+        self.initial: dict[str, float] | None = None
+        self.latest: dict[str, float] | None = None
+        self.oracle = None
+        if self.config.evaluate_generator:
+            from .oracle import EvaluationOracle
+
+            self.oracle = EvaluationOracle(ctx.splits.oracle, task, cache_dir(), seed=ctx.seed_for("oracle"))
+            self.reference_features = self.oracle.features(ctx.splits.test.images)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        values = {"initial": self.initial, "latest": self.latest}
+        arrays = {}
+        if self.previous is not None:
+            arrays = {"previous_images": self.previous[0], "previous_soft_labels": self.previous[1]}
+        return values, arrays
+
+    def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.initial = values.get("initial")
+        self.latest = values.get("latest")
+        if "previous_images" in arrays:
+            self.previous = (arrays["previous_images"], arrays["previous_soft_labels"])
+
+    # ------------------------------------------------------------------ one round
+    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+        cfg = self.config
+        generator = ctx.generator
+        assert generator is not None
+        if self.config.evaluate_generator and self.initial is None:
+            self.initial = self._generator_metrics(ctx, 0)
+            self.latest = self.initial
+        num_classes = ctx.task.num_classes
+        class_ids = np.repeat(np.arange(num_classes), cfg.samples_per_class)
+        prompts = [self.class_prompts[c] for c in class_ids]
+        with ctx.phase("synthesize"):
+            seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
+            images = generator.generate(prompts, seeds)
+        messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
+        replies = ctx.exchange(
+            "fit", messages, expect="fit_reply", validate=lambda k, reply: self._check_logits(reply, len(images))
+        )
+        with ctx.phase("aggregate"):
+            soft_labels = self.aggregate(round_index, replies).astype(np.float32)
+        batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
+        metrics: dict[str, Any] = {
+            "train_loss": float(np.mean([float(r.config["loss"]) for r in replies.values()])),
+            "synthetic_images": len(images),
+            "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
+            "alignment_mean": float(np.mean(batch.alignment)),
+        }
+        if self.update_generator:
+            if not self.client_feedback:
+                # The control: identical fine-tuning, but every pair counts as aligned.
+                batch = AlignmentBatch(
+                    images, prompts, class_ids, np.eye(num_classes, dtype=np.float32)[class_ids], self.class_prompts
+                )
+            with ctx.phase("generator_update"):
+                metrics.update(generator.fine_tune(batch, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index)))
+        self.previous = (images, soft_labels)
+        return metrics
+
+    def _fit_message(self, ctx: RunContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
+        cfg = self.config
+        config = {
+            "seed": ctx.seed_for("fit", round_index, client_id),
+            "kd_weight": cfg.kd_weight,
+            "temperature": cfg.kd_temperature,
+            "logits_dtype": cfg.logits_dtype,
+        }
+        arrays = {"predict_images": images}
+        if self.previous is not None:
+            arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
+        return Message("fit", config, arrays)
+
+    def _check_logits(self, reply: Message, count: int) -> None:
+        reply.array("logits", np.dtype(self.config.logits_dtype), (count, len(self.class_prompts)), finite=True)
+        counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
+        if (counts < 0).any():
+            raise MessageError("class_counts must not be negative")
+        if int(reply.config.get("num_samples", 0)) <= 0:
+            raise MessageError("num_samples must be positive")
+
+    def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
+        """The federation's soft labels on the synthetic set (the recipe's KD aggregator)."""
+        client_replies = [
+            ClientReply(
+                client_id=k,
+                logits=reply.arrays["logits"].astype(np.float32),
+                num_samples=int(reply.config["num_samples"]),
+                class_counts=reply.arrays["class_counts"],
+            )
+            for k, reply in sorted(replies.items())
+        ]
+        return self.aggregator.aggregate(round_index, client_replies)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+        metrics = ctx.evaluate_clients()
+        if self.oracle is not None and self.initial is not None:
+            if self.update_generator:
+                self.latest = self._generator_metrics(ctx, round_index + 1)
+            metrics.update(
+                {
+                    "generator_cas": self.latest["cas"],
+                    "generator_fid": self.latest["fid"],
+                    "generator_cas_initial": self.initial["cas"],
+                    "generator_fid_initial": self.initial["fid"],
+                }
+            )
+        return metrics
+
+    def _generator_metrics(self, ctx: RunContext, rounds_done: int) -> dict[str, float]:
+        """CAS and Fréchet distance on a fixed evaluation set (same prompts and seeds every round)."""
+        from .oracle import frechet_distance
+        from .sample_grid import save_sample_grid
+
+        cfg = self.config
+        assert self.oracle is not None and ctx.generator is not None
+        class_ids = np.repeat(np.arange(ctx.task.num_classes), cfg.eval_samples_per_class)
+        with ctx.phase("evaluate_generator"):
+            seeds = [ctx.seed_for("evaluate_generator", j) for j in range(len(class_ids))]
+            images = ctx.generator.generate([self.class_prompts[c] for c in class_ids], seeds)
+            cas = self.oracle.cas(images, class_ids)
+            fid = frechet_distance(self.oracle.features(images), self.reference_features)
+        save_sample_grid(
+            ctx.run_dir.root / "samples" / f"round_{rounds_done:03d}.png", images, class_ids, cfg.grid_columns
+        )
+        return {"cas": cas, "fid": fid}

@@ -1,0 +1,45 @@
+"""Alignment-weighted denoising: reinforce the synthetic pairs the clients agree with, drop the rest."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from fedmmkt_core.interfaces import AlignmentBatch, AlignmentLoss, ComponentConfig, Generator
+from fedmmkt_core.lazy import lazy_import
+
+torch = lazy_import("torch", 'Install it with: pip install "fedmmkt[torch]"')
+
+
+class WeightedDenoisingConfig(ComponentConfig):
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="pairs whose alignment a_j = q[j, c_j] is below this are dropped"
+    )
+    weighting: Literal["hard", "soft"] = Field(
+        "hard", description="hard: every kept pair counts once; soft: kept pairs count by their alignment a_j"
+    )
+
+
+class WeightedDenoisingLoss(AlignmentLoss):
+    """Diffusion loss on synthetic pairs, weighted by how strongly the clients recognise the prompt."""
+
+    Config = WeightedDenoisingConfig
+    config: WeightedDenoisingConfig
+
+    def weights(self, batch: AlignmentBatch) -> np.ndarray:
+        alignment = batch.alignment.astype(np.float64)
+        kept = alignment >= self.config.threshold
+        return np.where(kept, alignment if self.config.weighting == "soft" else 1.0, 0.0)
+
+    def active(self, batch: AlignmentBatch) -> np.ndarray:
+        return self.weights(batch) > 0
+
+    def compute(self, generator: Generator, batch: AlignmentBatch, seed: int) -> Any:
+        weights = self.weights(batch)
+        if weights.sum() <= 0:
+            return None
+        step = generator.denoise(batch, seed)
+        w = torch.as_tensor(weights, dtype=step.per_sample_loss.dtype, device=step.per_sample_loss.device)
+        return (w * step.per_sample_loss).sum() / w.sum()
