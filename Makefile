@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_RECIPE ?= examples/smoke.yaml
+DEMO_RECIPE ?= examples/digits.yaml
 
 .PHONY: demo test lint clean
 

@@ -108,7 +108,11 @@ class Runner:
         ctx = RunContext(recipe, self.run_dir, splits, partitions, self.events)
         if recipe.aggregator is not None:
             ctx.aggregator = recipe.build("aggregator", recipe.aggregator)  # type: ignore[assignment]
-        if recipe.generator is not None:
+        algorithm = recipe.build("algorithm", recipe.algorithm)
+        assert isinstance(algorithm, Algorithm)
+        if recipe.generator is not None and not algorithm.needs_generator:
+            log.info("algorithm '%s' does not use the generator: not building it", recipe.algorithm.name)
+        elif recipe.generator is not None:
             generator = recipe.build("generator", recipe.generator)
             generator.build(  # type: ignore[attr-defined]
                 ctx.task,
@@ -119,8 +123,6 @@ class Runner:
             )
             ctx.generator = generator  # type: ignore[assignment]
         ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
-        algorithm = recipe.build("algorithm", recipe.algorithm)
-        assert isinstance(algorithm, Algorithm)
         backend = recipe.build("backend", recipe.backend)
         assert isinstance(backend, Backend)
         loggers = [recipe.build("logger", spec) for spec in recipe.loggers]
@@ -201,7 +203,7 @@ class Runner:
         values, arrays = algorithm.state()
         arrays_name = f"algorithm.r{rounds_completed}.safetensors"
         save_safetensors(directory / arrays_name, arrays)
-        if ctx.generator is not None:
+        if ctx.generator is not None and algorithm.needs_generator:
             ctx.generator.save_adapter(directory / f"generator.r{rounds_completed}.safetensors")
         state = {"rounds_completed": rounds_completed, "algorithm": values, "algorithm_arrays": arrays_name}
         atomic_write_json(directory / "state.json", state)

@@ -48,8 +48,6 @@ class FedMMKT(Algorithm):
     def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
         issues = []
         name = recipe.algorithm.name
-        if recipe.generator is None:
-            issues.append(RecipeIssue("generator", f"algorithm '{name}' needs a generator (e.g. name: sd-lora)"))
         if cls.update_generator and not recipe.alignment_losses:
             issues.append(
                 RecipeIssue(

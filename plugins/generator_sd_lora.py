@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -418,12 +419,14 @@ def load_pipeline(model: str, dtype: Any) -> Any:
     elif not (local / "model_index.json").exists():
         raise UserError(f"generator.params.model: {local} has no model_index.json (not a diffusers pipeline folder)")
     try:
-        return diffusers.StableDiffusionPipeline.from_pretrained(
-            str(local) if local.is_dir() else model,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # renamed in 0.36
+            return diffusers.StableDiffusionPipeline.from_pretrained(
+                str(local) if local.is_dir() else model,
+                torch_dtype=dtype,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except (OSError, ValueError) as exc:
         raise UserError(f"generator.params.model: could not load '{model}': {exc}") from None
 

@@ -1,0 +1,144 @@
+"""The sd-lora generator beyond the conformance suite: diffusers interoperability, caches, errors."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from fedmmkt_plugins.generator_sd_lora import (
+    SDLoraGenerator,
+    TinyPipelineConfig,
+    build_tiny_pipeline,
+)
+from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
+
+from fedmmkt_core.errors import DataError, UserError
+from fedmmkt_core.testing import tiny_generator_task
+
+TINY = {"pretrain": {"vae_steps": 20, "steps": 30}, "fine_tune_steps": 3, "batch_size": 16, "num_inference_steps": 4}
+
+
+def cache() -> Path:
+    return Path(os.environ["FEDMMKT_CACHE"])
+
+
+def make(**params) -> SDLoraGenerator:
+    return SDLoraGenerator(SDLoraGenerator.Config.model_validate({**TINY, **params}))
+
+
+def built(**params) -> tuple[SDLoraGenerator, object]:
+    public, task = tiny_generator_task()
+    generator = make(**params)
+    generator.build(task, seed=0, cache_dir=cache(), public=public)
+    return generator, task
+
+
+def trained(generator, task):
+    from fedmmkt_core.interfaces import AlignmentBatch
+
+    class_ids = np.repeat(np.arange(task.num_classes), 3)
+    prompts = [task.prompt(int(c)) for c in class_ids]
+    images = generator.generate(prompts, list(range(len(prompts))))
+    soft = np.eye(task.num_classes, dtype=np.float32)[class_ids]
+    batch = AlignmentBatch(images, prompts, class_ids, soft, [task.prompt(c) for c in range(task.num_classes)])
+    generator.fine_tune(batch, [(WeightedDenoisingLoss(), 1.0)], seed=1)
+    return prompts[:6], list(range(200, 206))
+
+
+def test_saved_lora_loads_into_diffusers_and_gives_the_same_images(tmp_path):
+    generator, task = built()
+    prompts, seeds = trained(generator, task)
+    ours = generator.generate(prompts, seeds)
+    generator.save_adapter(tmp_path / "lora.safetensors")
+
+    base_dir = next((cache() / "generators").glob("sd-tiny-*"))
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path, weight_name="lora.safetensors")
+    out = pipe(
+        prompts,
+        num_inference_steps=TINY["num_inference_steps"],
+        guidance_scale=generator.config.guidance_scale,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        height=8,
+        width=8,
+        output_type="pt",
+    ).images
+    theirs = (((out * 2 - 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(theirs, ours)
+
+
+def test_only_lora_weights_are_saved(tmp_path):
+    from safetensors.torch import load_file
+
+    generator, _ = built()
+    generator.save_adapter(tmp_path / "lora.safetensors")
+    keys = load_file(str(tmp_path / "lora.safetensors")).keys()
+    assert keys and all(k.startswith("unet.") and ".lora" in k for k in keys)
+
+
+def test_pretrained_base_is_cached_by_config(tmp_path):
+    first, task = built()
+    assert first.cache_hit in (True, False)
+    second, _ = built()
+    assert second.cache_hit
+    prompts = [task.prompt(c) for c in range(3)]
+    np.testing.assert_array_equal(first.generate(prompts, [1, 2, 3]), second.generate(prompts, [1, 2, 3]))
+    other, _ = built(pretrain={"vae_steps": 20, "steps": 31})
+    assert not other.cache_hit
+
+
+def test_adapter_of_another_rank_is_rejected_with_the_file_name(tmp_path):
+    generator, _ = built(lora={"rank": 4})
+    generator.save_adapter(tmp_path / "rank4.safetensors")
+    other, _ = built()
+    with pytest.raises(DataError, match=r"rank4\.safetensors.*shape"):
+        other.load_adapter(tmp_path / "rank4.safetensors")
+    targets, _ = built(lora={"targets": ["to_q"]})
+    with pytest.raises(DataError, match="do not match"):
+        targets.load_adapter(tmp_path / "rank4.safetensors")
+
+
+def test_tiny_generator_needs_a_public_split():
+    _, task = tiny_generator_task()
+    with pytest.raises(DataError, match="public_fraction"):
+        make().build(task, seed=0, cache_dir=cache(), public=None)
+
+
+def test_local_pipeline_directory_is_used_and_resized_to_the_task(tmp_path):
+    public, task = tiny_generator_task()
+    words = sorted({w for c in range(task.num_classes) for w in task.prompt(c).split()})
+    pipe = build_tiny_pipeline(TinyPipelineConfig(), 1, words, seed=0)
+    pipe.save_pretrained(tmp_path / "sd")
+    generator = make(model=str(tmp_path / "sd"), resolution=16)
+    generator.build(task, seed=0, cache_dir=cache())
+    assert generator.resolution == 16
+    images = generator.generate([task.prompt(1), task.prompt(2)], [0, 1])
+    assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8
+
+
+def test_missing_model_directory_and_offline_hub_are_clear_errors(tmp_path):
+    _, task = tiny_generator_task()
+    with pytest.raises(UserError, match="not a local directory"):
+        make(model=str(tmp_path / "nowhere")).build(task, seed=0, cache_dir=cache())
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        make(model="some-org/some-model").build(task, seed=0, cache_dir=cache())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="model_index.json"):
+        make(model=str(tmp_path / "empty")).build(task, seed=0, cache_dir=cache())
+
+
+def test_half_precision_on_cpu_is_refused():
+    public, task = tiny_generator_task()
+    with pytest.raises(UserError, match="float16 needs CUDA"):
+        make(dtype="float16", device="cpu").build(task, seed=0, cache_dir=cache(), public=public)
+
+
+def test_bfloat16_base_keeps_lora_in_float32():
+    generator, task = built(dtype="bfloat16")
+    assert generator.pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in generator.lora_parameters())
+    prompts, seeds = trained(generator, task)
+    assert generator.generate(prompts, seeds).dtype == np.uint8
