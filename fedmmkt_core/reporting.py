@@ -16,6 +16,7 @@ CURVES = (
     ("client_accuracy_mean", "client accuracy (mean)"),
     ("client_accuracy_min", "client accuracy (min)"),
     ("generator_cas", "generator CAS"),
+    ("alignment_rate", "alignment rate"),
     ("bytes_up_per_client", "bytes up per client"),
 )
 

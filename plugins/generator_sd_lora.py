@@ -137,6 +137,7 @@ class SDLoraGenerator(Generator):
             self.pipe = self._tiny_pipeline(task, seed, Path(cache_dir), public, progress)
         else:
             self.pipe = load_pipeline(cfg.model, self.dtype)
+            self.base_path = Path(cfg.model)
         pipe = self.pipe
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -186,6 +187,7 @@ class SDLoraGenerator(Generator):
         key.update(public.labels.tobytes())
         key.update("\n".join(captions).encode())
         directory = cache_dir / "generators" / f"sd-tiny-{key.hexdigest()[:20]}"
+        self.base_path = directory
         if (directory / "model_index.json").exists():
             log.info("tiny generator: loading the pre-trained pipeline from %s", directory)
             self.cache_hit = True

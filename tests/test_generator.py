@@ -53,8 +53,9 @@ def test_saved_lora_loads_into_diffusers_and_gives_the_same_images(tmp_path):
     ours = generator.generate(prompts, seeds)
     generator.save_adapter(tmp_path / "lora.safetensors")
 
-    base_dir = next((cache() / "generators").glob("sd-tiny-*"))
-    pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        generator.base_path, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(tmp_path, weight_name="lora.safetensors")
     out = pipe(

@@ -55,7 +55,7 @@ def test_vit_from_a_local_pretrained_checkpoint_of_another_size(tmp_path):
 
 def test_one_recipe_mixes_architectures(tmp_path):
     overrides = [
-        "algorithm.name=local",
+        "algorithm={name: local}",
         "federation.rounds=2",
         "clients=[{name: cnn, count: 2, params: {channels: [8, 16], hidden: 32}}, {name: resnet}, {name: vit}]",
     ]

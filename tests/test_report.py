@@ -13,17 +13,17 @@ runner = CliRunner()
 
 
 def test_report_and_compare(tmp_path):
-    Runner(load_recipe(SMOKE, ["federation.rounds=2"]), tmp_path / "fedavg").run()
-    Runner(load_recipe(SMOKE, ["federation.rounds=2", "algorithm.name=local"]), tmp_path / "local").run()
-    result = runner.invoke(app, ["report", str(tmp_path / "fedavg")])
+    Runner(load_recipe(SMOKE, ["federation.rounds=2"]), tmp_path / "fedmmkt").run()
+    Runner(load_recipe(SMOKE, ["federation.rounds=2", "algorithm={name: local}"]), tmp_path / "local").run()
+    result = runner.invoke(app, ["report", str(tmp_path / "fedmmkt")])
     assert result.exit_code == 0, result.output
     assert "client_accuracy_mean" in result.output
-    png = tmp_path / "fedavg" / "curves.png"
+    png = tmp_path / "fedmmkt" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot = tmp_path / "cmp.png"
-    result = runner.invoke(app, ["compare", str(tmp_path / "fedavg"), str(tmp_path / "local"), "--plot", str(plot)])
+    result = runner.invoke(app, ["compare", str(tmp_path / "fedmmkt"), str(tmp_path / "local"), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
-    assert "fedavg" in result.output and "local" in result.output
+    assert "fedmmkt" in result.output and "local" in result.output
     assert plot.stat().st_size > 1000
 
 

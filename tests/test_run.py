@@ -36,8 +36,12 @@ def test_smoke_recipe_runs_and_clients_learn(tmp_path):
     rows = read_rows(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == len(rows) == 3
-    assert rows[-1]["client_accuracy_mean"] > rows[0]["client_accuracy_mean"] + 0.1
-    assert summary["client_accuracy_mean"] > 0.6  # chance is 0.1
+    assert rows[-1]["client_accuracy_mean"] > rows[0]["client_accuracy_mean"] + 0.05
+    assert summary["client_accuracy_mean"] > 0.4  # chance is 0.1
+    for key in ("generator_cas_initial", "generator_cas", "generator_fid", "alignment_rate"):
+        assert 0 <= summary[key], key
+    assert (out / "samples" / "round_003.png").is_file()
+    assert (out / "checkpoints" / "generator.r3.safetensors").is_file()
     assert summary["bytes_up_per_client_round"] > 0 and summary["wall_seconds"] > 0
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
     assert resolved["clients"][0]["params"]["batch_size"] == 32  # defaults filled in
@@ -52,7 +56,7 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
-    overrides = ["federation.rounds=4", "algorithm.name=local", "data.partitioner.params.alpha=0.3"]
+    overrides = ["federation.rounds=4", "algorithm={name: local}", "data.partitioner.params.alpha=0.3"]
     Runner(load_recipe(SMOKE, overrides), tmp_path / "full").run()
 
     def stop_in_round_3(event, **data):
@@ -132,7 +136,7 @@ def test_external_plugin_runs_in_a_recipe(tmp_path):
     overrides = [
         "clients.0.name=softmax-regression",
         "clients.0.params={epochs: 3}",
-        "algorithm.name=local",
+        "algorithm={name: local}",
         "federation.rounds=2",
     ]
     result = runner.invoke(
