@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -71,15 +72,17 @@ def main() -> None:
                     "values": values,
                 }
         table[algorithm] = entry
-    result = {
-        "recipe": str(args.recipe),
-        "overrides": args.overrides,
-        "seeds": args.seeds,
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "gpu": False},
-        "algorithms": table,
-    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"algorithms-{args.recipe.stem}.json"
+    setting = {"recipe": str(args.recipe), "overrides": args.overrides, "seeds": args.seeds}
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if all(previous.get(k) == v for k, v in setting.items()):  # same setting: update only what was re-run
+        table = {**previous.get("algorithms", {}), **table}
+    result = {
+        **setting,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": False},
+        "algorithms": table,
+    }
     path.write_text(json.dumps(result, indent=2) + "\n")
     header = f"{'algorithm':28} {'acc mean':>9} {'acc min':>8} {'CAS':>6} {'CAS0':>6} {'FID':>7} {'up B':>8} {'s':>6}"
     print(header)

@@ -30,6 +30,13 @@ class FedMMKTConfig(ComponentConfig):
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
     logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
     alignment_threshold: float = Field(0.5, ge=0, le=1, description="a_j at or above this counts as aligned")
+    replay_buffer: int = Field(
+        2000,
+        ge=0,
+        description="synthetic pairs of earlier rounds kept with their soft labels: the generator is fine-tuned "
+        "on them again and the clients distil on all of them (a growing, diverse set keeps the generator from "
+        "collapsing onto a few aligned samples); 0 = only the last round's set",
+    )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, description="images per class for CAS / Fréchet distance")
     grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
@@ -43,6 +50,7 @@ class FedMMKT(Algorithm):
     needs_generator = True
     update_generator: ClassVar[bool] = True
     client_feedback: ClassVar[bool] = True
+    distill_on_replay: ClassVar[bool] = False
 
     @classmethod
     def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
@@ -64,6 +72,7 @@ class FedMMKT(Algorithm):
         self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
         self.aggregator = ctx.aggregator if ctx.aggregator is not None else KDAggregator()
         self.previous: tuple[np.ndarray, np.ndarray] | None = None
+        self.replay: AlignmentBatch | None = None
         self.initial: dict[str, float] | None = None
         self.latest: dict[str, float] | None = None
         self.oracle = None
@@ -74,10 +83,18 @@ class FedMMKT(Algorithm):
             self.reference_features = self.oracle.features(ctx.splits.test.images)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        values = {"initial": self.initial, "latest": self.latest}
+        values: dict[str, Any] = {"initial": self.initial, "latest": self.latest}
         arrays = {}
         if self.previous is not None:
             arrays = {"previous_images": self.previous[0], "previous_soft_labels": self.previous[1]}
+        if self.replay is not None:
+            arrays.update(
+                {
+                    "replay_images": self.replay.images,
+                    "replay_class_ids": self.replay.class_ids,
+                    "replay_soft_labels": self.replay.soft_labels,
+                }
+            )
         return values, arrays
 
     def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -85,6 +102,15 @@ class FedMMKT(Algorithm):
         self.latest = values.get("latest")
         if "previous_images" in arrays:
             self.previous = (arrays["previous_images"], arrays["previous_soft_labels"])
+        if "replay_images" in arrays:
+            class_ids = arrays["replay_class_ids"]
+            self.replay = AlignmentBatch(
+                arrays["replay_images"],
+                [self.class_prompts[int(c)] for c in class_ids],
+                class_ids,
+                arrays["replay_soft_labels"],
+                self.class_prompts,
+            )
 
     # ------------------------------------------------------------------ one round
     def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
@@ -113,14 +139,19 @@ class FedMMKT(Algorithm):
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
             "alignment_mean": float(np.mean(batch.alignment)),
         }
+        seen = batch if self.replay is None else concatenate(self.replay, batch)
         if self.update_generator:
+            training = seen
             if not self.client_feedback:
                 # The control: identical fine-tuning, but every pair counts as aligned.
-                batch = AlignmentBatch(
-                    images, prompts, class_ids, np.eye(num_classes, dtype=np.float32)[class_ids], self.class_prompts
-                )
+                one_hot = np.eye(num_classes, dtype=np.float32)[seen.class_ids]
+                training = AlignmentBatch(seen.images, seen.prompts, seen.class_ids, one_hot, self.class_prompts)
             with ctx.phase("generator_update"):
-                metrics.update(generator.fine_tune(batch, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index)))
+                metrics.update(
+                    generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
+                )
+        if cfg.replay_buffer > 0:
+            self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
         self.previous = (images, soft_labels)
         return metrics
 
@@ -133,7 +164,9 @@ class FedMMKT(Algorithm):
             "logits_dtype": cfg.logits_dtype,
         }
         arrays = {"predict_images": images}
-        if self.previous is not None:
+        if self.distill_on_replay and self.replay is not None:
+            arrays["distill_images"], arrays["distill_soft_labels"] = self.replay.images, self.replay.soft_labels
+        elif self.previous is not None:
             arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
         return Message("fit", config, arrays)
 
@@ -191,3 +224,13 @@ class FedMMKT(Algorithm):
             ctx.run_dir.root / "samples" / f"round_{rounds_done:03d}.png", images, class_ids, cfg.grid_columns
         )
         return {"cas": cas, "fid": fid}
+
+
+def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
+    return AlignmentBatch(
+        np.concatenate([first.images, second.images]),
+        first.prompts + second.prompts,
+        np.concatenate([first.class_ids, second.class_ids]),
+        np.concatenate([first.soft_labels, second.soft_labels]),
+        second.class_prompts,
+    )

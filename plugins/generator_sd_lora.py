@@ -97,7 +97,13 @@ class SDLoraConfig(ComponentConfig):
     guidance_scale: float = Field(3.0, ge=0)
     resolution: int | None = Field(None, ge=8, description="generation size; default: the task's image size")
     generation_batch_size: int = Field(256, ge=1)
-    fine_tune_steps: int = Field(100, ge=0, description="LoRA optimisation steps per fine-tuning call")
+    fine_tune_steps: int = Field(100, ge=0, description="most LoRA optimisation steps per fine-tuning call")
+    fine_tune_epochs: float | None = Field(
+        30.0,
+        gt=0,
+        description="at most this many passes over the samples the losses use (fewer steps when few pairs are "
+        "aligned, so a handful of images is not memorised); null = always fine_tune_steps",
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -318,9 +324,12 @@ class SDLoraGenerator(Generator):
         rng = np.random.default_rng(seed)
         totals: dict[str, float] = {}
         done = 0
+        steps = cfg.fine_tune_steps
+        if cfg.fine_tune_epochs is not None:
+            steps = min(steps, max(1, int(np.ceil(cfg.fine_tune_epochs * len(pool) / cfg.batch_size))))
         self.pipe.unet.train()
         try:
-            for step in range(cfg.fine_tune_steps):
+            for step in range(steps):
                 size = min(cfg.batch_size, len(pool))
                 mini = batch.subset(np.sort(rng.choice(pool, size=size, replace=False)))
                 step_seed = derive_seed(seed, "step", step)

@@ -17,6 +17,11 @@ class WeightedDenoisingConfig(ComponentConfig):
     threshold: float = Field(
         0.5, ge=0, le=1, description="pairs whose alignment a_j = q[j, c_j] is below this are dropped"
     )
+    agreement: Literal["threshold", "top_class"] = Field(
+        "threshold",
+        description="threshold: keep pairs with a_j >= threshold; top_class: also require the prompt's class to "
+        "be the clients' most likely class (with threshold 0, simply: the clients' top class is the prompt's)",
+    )
     weighting: Literal["hard", "soft"] = Field(
         "hard", description="hard: every kept pair counts once; soft: kept pairs count by their alignment a_j"
     )
@@ -31,6 +36,8 @@ class WeightedDenoisingLoss(AlignmentLoss):
     def weights(self, batch: AlignmentBatch) -> np.ndarray:
         alignment = batch.alignment.astype(np.float64)
         kept = alignment >= self.config.threshold
+        if self.config.agreement == "top_class":
+            kept &= np.argmax(batch.soft_labels, axis=1) == batch.class_ids
         return np.where(kept, alignment if self.config.weighting == "soft" else 1.0, 0.0)
 
     def active(self, batch: AlignmentBatch) -> np.ndarray:
