@@ -51,6 +51,10 @@ class FedMMKT(Algorithm):
     update_generator: ClassVar[bool] = True
     client_feedback: ClassVar[bool] = True
     distill_on_replay: ClassVar[bool] = False
+    previous: tuple[np.ndarray, np.ndarray] | None = None
+    replay: AlignmentBatch | None = None
+    initial: dict[str, float] | None = None
+    latest: dict[str, float] | None = None
 
     @classmethod
     def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
@@ -71,10 +75,10 @@ class FedMMKT(Algorithm):
         task = ctx.task
         self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
         self.aggregator = ctx.aggregator if ctx.aggregator is not None else KDAggregator()
-        self.previous: tuple[np.ndarray, np.ndarray] | None = None
-        self.replay: AlignmentBatch | None = None
-        self.initial: dict[str, float] | None = None
-        self.latest: dict[str, float] | None = None
+        self.previous = None
+        self.replay = None
+        self.initial = None
+        self.latest = None
         self.oracle = None
         if self.config.evaluate_generator:
             from .oracle import EvaluationOracle
@@ -88,6 +92,7 @@ class FedMMKT(Algorithm):
         if self.previous is not None:
             arrays = {"previous_images": self.previous[0], "previous_soft_labels": self.previous[1]}
         if self.replay is not None:
+            values.update({"replay_prompts": self.replay.prompts, "class_prompts": self.replay.class_prompts})
             arrays.update(
                 {
                     "replay_images": self.replay.images,
@@ -103,13 +108,12 @@ class FedMMKT(Algorithm):
         if "previous_images" in arrays:
             self.previous = (arrays["previous_images"], arrays["previous_soft_labels"])
         if "replay_images" in arrays:
-            class_ids = arrays["replay_class_ids"]
             self.replay = AlignmentBatch(
                 arrays["replay_images"],
-                [self.class_prompts[int(c)] for c in class_ids],
-                class_ids,
+                list(values["replay_prompts"]),
+                arrays["replay_class_ids"],
                 arrays["replay_soft_labels"],
-                self.class_prompts,
+                list(values["class_prompts"]),
             )
 
     # ------------------------------------------------------------------ one round
