@@ -151,6 +151,9 @@ class SDLoraGenerator(Generator):
             module.eval()
         pipe.to(self.device, self.dtype)
         lora = cfg.lora
+        # LoRA's A matrices are drawn from the global RNG: seed it here, so a freshly pre-trained base
+        # and the same base loaded from the cache start from the same adapter.
+        torch.manual_seed(derive_seed(seed, "lora"))
         pipe.unet.add_adapter(
             peft.LoraConfig(
                 r=lora.rank,

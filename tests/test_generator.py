@@ -143,3 +143,12 @@ def test_bfloat16_base_keeps_lora_in_float32():
     assert all(p.dtype == torch.float32 for p in generator.lora_parameters())
     prompts, seeds = trained(generator, task)
     assert generator.generate(prompts, seeds).dtype == np.uint8
+
+
+def test_fresh_and_cached_base_start_from_the_same_adapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMMKT_CACHE", str(tmp_path / "own-cache"))
+    fresh, _ = built(pretrain={"vae_steps": 5, "steps": 7})
+    cached, _ = built(pretrain={"vae_steps": 5, "steps": 7})
+    assert not fresh.cache_hit and cached.cache_hit
+    for key, value in fresh.adapter_state().items():
+        assert torch.equal(value, cached.adapter_state()[key]), key
