@@ -223,6 +223,10 @@ class Generator(Component):
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         """uint8 images ``[N, H, W, C]`` at the task's size, one per prompt, each reproducible from its seed."""
 
+    def generate_base(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        """Like :meth:`generate`, with the adapter switched off (the frozen base model)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate without its adapter")
+
     @abstractmethod
     def fine_tune(
         self, batch: AlignmentBatch, losses: Sequence[tuple[AlignmentLoss, float]], seed: int

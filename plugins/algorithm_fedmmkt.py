@@ -30,6 +30,13 @@ class FedMMKTConfig(ComponentConfig):
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
     logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
     alignment_threshold: float = Field(0.5, ge=0, le=1, description="a_j at or above this counts as aligned")
+    base_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of each round's synthetic pairs drawn from the frozen base generator (adapter off): "
+        "keeps the clients' transfer set diverse while the adapter moves towards their domain",
+    )
     replay_buffer: int = Field(
         2000,
         ge=0,
@@ -129,7 +136,14 @@ class FedMMKT(Algorithm):
         prompts = [self.class_prompts[c] for c in class_ids]
         with ctx.phase("synthesize"):
             seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
-            images = generator.generate(prompts, seeds)
+            from_base = np.arange(len(prompts)) % cfg.samples_per_class < round(
+                cfg.base_fraction * cfg.samples_per_class
+            )
+            images = np.zeros((len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels), np.uint8)
+            for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
+                chosen = np.flatnonzero(mask)
+                if len(chosen):
+                    images[chosen] = draw([prompts[j] for j in chosen], [seeds[j] for j in chosen])
         messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
         replies = ctx.exchange(
             "fit", messages, expect="fit_reply", validate=lambda k, reply: self._check_logits(reply, len(images))

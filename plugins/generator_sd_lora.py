@@ -244,6 +244,14 @@ class SDLoraGenerator(Generator):
             return np.zeros((0, self.task.image_size, self.task.image_size, self.task.channels), dtype=np.uint8)
         return np.concatenate(outputs)
 
+    def generate_base(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        unet = self.pipe.unet
+        unet.disable_adapters()
+        try:
+            return self.generate(prompts, seeds)
+        finally:
+            unet.enable_adapters()
+
     def _to_task_images(self, images: Any) -> np.ndarray:
         """Float ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` at the task's size and channels."""
         images = to_task_geometry(images, self.task)

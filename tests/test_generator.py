@@ -152,3 +152,13 @@ def test_fresh_and_cached_base_start_from_the_same_adapter(tmp_path, monkeypatch
     assert not fresh.cache_hit and cached.cache_hit
     for key, value in fresh.adapter_state().items():
         assert torch.equal(value, cached.adapter_state()[key]), key
+
+
+def test_base_generation_ignores_the_adapter():
+    generator, task = built()
+    prompts, seeds = [task.prompt(c) for c in range(4)], [7, 8, 9, 10]
+    np.testing.assert_array_equal(generator.generate_base(prompts, seeds), generator.generate(prompts, seeds))
+    base = generator.generate_base(prompts, seeds)
+    trained(generator, task)
+    np.testing.assert_array_equal(generator.generate_base(prompts, seeds), base)
+    assert not np.array_equal(generator.generate(prompts, seeds), base)
