@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-algorithms"))
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
 
     rows: dict[str, list[dict]] = {}
@@ -73,7 +74,7 @@ def main() -> None:
                 }
         table[algorithm] = entry
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"algorithms-{args.recipe.stem}.json"
+    path = RESULTS / f"algorithms-{args.recipe.stem}{'-' + args.tag if args.tag else ''}.json"
     setting = {"recipe": str(args.recipe), "overrides": args.overrides, "seeds": args.seeds}
     previous = json.loads(path.read_text()) if path.exists() else {}
     if all(previous.get(k) == v for k, v in setting.items()):  # same setting: update only what was re-run
