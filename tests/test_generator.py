@@ -162,3 +162,15 @@ def test_base_generation_ignores_the_adapter():
     trained(generator, task)
     np.testing.assert_array_equal(generator.generate_base(prompts, seeds), base)
     assert not np.array_equal(generator.generate(prompts, seeds), base)
+
+
+def test_packaged_minilm_text_encoder_conditions_the_tiny_pipeline():
+    generator, task = built(tiny={"text_encoder": "minilm", "max_prompt_tokens": 12})
+    pipe = generator.pipe
+    assert type(pipe.text_encoder).__name__ == "BertModel"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size == 384
+    images = generator.generate([task.prompt(1), task.prompt(2)], [0, 1])
+    assert images.shape == (2, 8, 8, 1)
+    again, _ = built(tiny={"text_encoder": "minilm", "max_prompt_tokens": 12})
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.generate([task.prompt(1), task.prompt(2)], [0, 1]), images)
