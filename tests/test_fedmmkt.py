@@ -166,3 +166,43 @@ def test_interrupted_fedmmkt_run_resumes_to_the_same_result(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds_")} for line in lines]
 
     assert rows("cut") == rows("full")
+
+
+class NaNLogitsClient(CNNClient):
+    def predict_logits(self, images):
+        logits = super().predict_logits(images)
+        if len(images) == 40:  # the recipe's synthetic set (4 per class); test-split predictions stay clean
+            logits[0, 0] = np.nan
+        return logits
+
+
+class WrongShapeClient(CNNClient):
+    def predict_logits(self, images):
+        logits = super().predict_logits(images)
+        return logits[:, :5] if len(images) == 40 else logits
+
+
+def test_bad_logits_are_rejected_with_a_reason_and_the_round_goes_on(tmp_path):
+    from fedmmkt_core.hookspecs import hookimpl
+    from fedmmkt_core.plugins import PluginManager
+
+    class FaultyClients:
+        @hookimpl
+        def register_client_models(self, register):
+            register("nan-logits", NaNLogitsClient)
+            register("wrong-shape", WrongShapeClient)
+
+    registry = PluginManager().add_plugin(FaultyClients(), package="test-faults")
+    recipe = RECIPE.replace(
+        "  - {name: cnn, count: 3, params: {channels: [8, 16], hidden: 32, lr: 0.003}}",
+        "  - {name: cnn, count: 2, params: {channels: [8, 16], hidden: 32, lr: 0.003}}\n"
+        "  - {name: nan-logits, params: {channels: [8, 16], hidden: 32}}\n"
+        "  - {name: wrong-shape, params: {channels: [8, 16], hidden: 32}}",
+    )
+    summary = Runner(parse_recipe(recipe, registry=registry), tmp_path / "run").run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds_completed"] == 2
+    fit_failures = {f["client"]: f["reason"] for f in rows[0]["failures"] if f["phase"] == "fit"}
+    assert set(fit_failures) == {2, 3}
+    assert "finite" in fit_failures[2] or "NaN" in fit_failures[2]
+    assert "shape" in fit_failures[3]
