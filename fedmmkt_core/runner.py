@@ -203,7 +203,7 @@ class Runner:
         values, arrays = algorithm.state()
         arrays_name = f"algorithm.r{rounds_completed}.safetensors"
         save_safetensors(directory / arrays_name, arrays)
-        if ctx.generator is not None and algorithm.needs_generator:
+        if ctx.generator is not None:  # only built for algorithms that use it
             ctx.generator.save_adapter(directory / f"generator.r{rounds_completed}.safetensors")
         state = {"rounds_completed": rounds_completed, "algorithm": values, "algorithm_arrays": arrays_name}
         atomic_write_json(directory / "state.json", state)

@@ -136,9 +136,8 @@ class FedMMKT(Algorithm):
         prompts = [self.class_prompts[c] for c in class_ids]
         with ctx.phase("synthesize"):
             seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
-            from_base = np.arange(len(prompts)) % cfg.samples_per_class < round(
-                cfg.base_fraction * cfg.samples_per_class
-            )
+            position_in_class = np.arange(len(prompts)) % cfg.samples_per_class  # prompts come in class blocks
+            from_base = position_in_class < round(cfg.base_fraction * cfg.samples_per_class)
             images = np.zeros((len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels), np.uint8)
             for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
                 chosen = np.flatnonzero(mask)

@@ -175,7 +175,9 @@ class SDLoraGenerator(Generator):
             task.image_size if cfg.model is None else int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
         )
         self._embedding_cache: dict[str, Any] = {}
-        self._last_step: tuple[int, int, DenoisingStep] | None = None
+        # (batch, seed, step) of the last denoise call: every loss on a mini-batch shares one UNet pass.
+        # The batch itself is kept (not its id), so a new batch can never be mistaken for a freed one.
+        self._last_step: tuple[AlignmentBatch, int, DenoisingStep] | None = None
 
     def lora_parameters(self) -> list[Any]:
         return [p for name, p in self.pipe.unet.named_parameters() if "lora_" in name]
@@ -266,8 +268,7 @@ class SDLoraGenerator(Generator):
     # ------------------------------------------------------------------ training
     def _pixels(self, images: np.ndarray) -> Any:
         """uint8 ``[N, H, W, C]`` -> float ``[N, C', R, R]`` in [-1, 1] for the VAE."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        x = match_channels(x, int(self.pipe.vae.config.in_channels))
+        x = match_channels(pixels_to_tensor(images), int(self.pipe.vae.config.in_channels))
         if x.shape[-1] != self.resolution:
             x = torch.nn.functional.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear")
         return x.to(self.device, self.dtype)
@@ -290,7 +291,7 @@ class SDLoraGenerator(Generator):
         return torch.stack([self._embedding_cache[p] for p in prompts])
 
     def denoise(self, batch: AlignmentBatch, seed: int) -> DenoisingStep:
-        if self._last_step is not None and self._last_step[:2] == (id(batch), seed):
+        if self._last_step is not None and self._last_step[0] is batch and self._last_step[1] == seed:
             return self._last_step[2]
         pipe = self.pipe
         scheduler = pipe.scheduler
@@ -319,7 +320,7 @@ class SDLoraGenerator(Generator):
             return to_task_geometry(decoded.clamp(-1, 1), self.task)
 
         step = DenoisingStep(per_sample, alpha_bar.view(-1), decode)
-        self._last_step = (id(batch), seed, step)
+        self._last_step = (batch, seed, step)
         return step
 
     def fine_tune(
@@ -567,7 +568,7 @@ def pretrain_tiny(
     """Train the tiny pipeline on the public split: the VAE first, then UNet and text encoder together."""
     report = progress or (lambda task, done, total: None)
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.from_numpy(public.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    pixels = pixels_to_tensor(public.images)
     n = len(pixels)
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
 
@@ -628,6 +629,11 @@ def pretrain_tiny(
             report("pretrain generator: UNet", step + 1, cfg.steps)
     unet.eval()
     text_encoder.eval()
+
+
+def pixels_to_tensor(images: np.ndarray) -> Any:
+    """uint8 ``[N, H, W, C]`` -> float ``[N, C, H, W]`` in [-1, 1], the range the VAE works in."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def match_channels(images: Any, channels: int) -> Any:
