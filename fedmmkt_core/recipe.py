@@ -59,6 +59,12 @@ class FederationSection(_Strict):
     rounds: int = Field(ge=1, description="number of federated rounds")
     sample_fraction: float = Field(1.0, gt=0, le=1, description="share of clients sampled each round")
     min_clients: int = Field(1, ge=1, description="a round fails when fewer clients reply successfully")
+    round_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds each exchange waits for client replies; a client still busy then is recorded "
+        "as timed out and left out of the round (null = wait for every client)",
+    )
 
 
 class Recipe(_Strict):
