@@ -15,11 +15,13 @@ so every backend runs the same client code. Message types:
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from .data import DistillSet, ImageSet, TaskSpec
+from .faults import FaultSpec
 from .interfaces import ClientModel
 from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
@@ -32,19 +34,34 @@ LOGIT_DTYPES = {"float32": np.float32, "float16": np.float16}
 class ClientRuntime:
     """One client: its partition, the held-out test split and its task model."""
 
-    def __init__(self, client_id: int, model: ClientModel, train: ImageSet, test: ImageSet, task: TaskSpec):
+    def __init__(
+        self,
+        client_id: int,
+        model: ClientModel,
+        train: ImageSet,
+        test: ImageSet,
+        task: TaskSpec,
+        fault: FaultSpec | None = None,
+    ):
         self.client_id = client_id
         self.model = model
         self.train = train
         self.test = test
         self.task = task
+        self.fault = fault
         self.weights_changed = False
+        self.abandoned = threading.Event()  # set by a backend that stopped waiting for this client
 
     def handle(self, message: Message) -> Message:
         handler = {"fit": self._fit, "predict": self._predict, "evaluate": self._evaluate}.get(message.type)
         if handler is None:
             raise MessageError(f"client {self.client_id} cannot handle message type '{message.type}'")
-        return handler(message)
+        fault = self.fault
+        if fault is None or message.type == "evaluate" or not fault.fires(_seed(message), self.client_id):
+            return handler(message)
+        fault.before_work(self.abandoned)
+        reply = handler(message)
+        return Message(reply.type, reply.config, fault.tamper(reply.arrays))
 
     def _images(self, message: Message, name: str) -> np.ndarray:
         size, channels = self.task.image_size, self.task.channels
@@ -97,6 +114,11 @@ class ClientRuntime:
         logits = self.model.predict_logits(self.test.images)
         accuracy = float((np.argmax(logits, axis=1) == self.test.labels).mean()) if len(self.test) else float("nan")
         return Message("evaluate_reply", {"accuracy": accuracy, "num_test": len(self.test)})
+
+
+def _seed(message: Message) -> int:
+    seed = message.config.get("seed", 0)
+    return seed if isinstance(seed, int) else 0
 
 
 class ClientStateStore:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from .errors import PluginError, RecipeError, RecipeIssue, UserError
+from .faults import FaultSpec
 from .interfaces import Component, ComponentConfig
 from .plugins import Registry, suggest
 
@@ -44,6 +45,7 @@ class ClientGroup(ComponentSpec):
     """``count`` clients with the same client model."""
 
     count: int = Field(1, ge=1, description="number of clients in this group")
+    fault: FaultSpec | None = Field(None, description="make these clients misbehave (fault-injection testing)")
 
 
 class WeightedComponentSpec(ComponentSpec):

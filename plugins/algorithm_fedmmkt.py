@@ -23,6 +23,9 @@ from fedmmkt_core.wire import Message, MessageError
 
 from .aggregator_kd import KDAggregator
 
+# Trained classifiers' logits stay within tens; a reply far beyond is broken or hostile.
+MAX_ABS_LOGIT = 1000.0
+
 
 class FedMMKTConfig(ComponentConfig):
     samples_per_class: int = Field(30, ge=1, description="synthetic pairs per class per round")
@@ -188,7 +191,13 @@ class FedMMKT(Algorithm):
         return Message("fit", config, arrays)
 
     def _check_logits(self, reply: Message, count: int) -> None:
-        reply.array("logits", np.dtype(self.config.logits_dtype), (count, len(self.class_prompts)), finite=True)
+        logits = reply.array(
+            "logits", np.dtype(self.config.logits_dtype), (count, len(self.class_prompts)), finite=True
+        )
+        if count and float(np.abs(logits).max()) > MAX_ABS_LOGIT:
+            raise MessageError(
+                f"logits reach {float(np.abs(logits).max()):.4g}, beyond the plausible ±{MAX_ABS_LOGIT:g}"
+            )
         counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
         if (counts < 0).any():
             raise MessageError("class_counts must not be negative")

@@ -8,6 +8,7 @@ arrives and their weights kept on disk, so memory does not grow with the number 
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
@@ -16,6 +17,7 @@ from pydantic import Field
 from fedmmkt_core.client import ClientRuntime, ClientStateStore
 from fedmmkt_core.context import RunContext
 from fedmmkt_core.errors import ClientFailure
+from fedmmkt_core.faults import ClientDropout
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.wire import Message
 
@@ -52,11 +54,13 @@ class InProcessBackend(Backend):
         progress: Callable[[int], None] | None = None,
     ) -> dict[int, Message | BaseException]:
         replies: dict[int, Message | BaseException] = {}
+        timeout = self.ctx.recipe.federation.round_timeout
         for client_id in sorted(messages):
             try:
                 runtime = self._runtime(client_id, round_index)
                 runtime.weights_changed = False
-                reply = runtime.handle(Message.decode(messages[client_id].encode()))
+                request = Message.decode(messages[client_id].encode())
+                reply = runtime.handle(request) if timeout is None else _within(timeout, runtime, request)
                 replies[client_id] = Message.decode(reply.encode())
                 if runtime.weights_changed:
                     self.store.save(client_id, round_index, runtime.model.get_weights())
@@ -64,6 +68,10 @@ class InProcessBackend(Backend):
                     self.resident[client_id] = runtime
                     while len(self.resident) > self.config.resident_clients:
                         self.resident.popitem(last=False)
+            except ClientDropout:
+                replies[client_id] = ClientFailure(client_id, "dropped out: no reply")
+            except TimeoutError:
+                replies[client_id] = ClientFailure(client_id, f"timed out: no reply within round_timeout={timeout}s")
             except Exception as exc:  # the client's fault is reported, the round decides
                 replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
             if progress is not None:
@@ -76,3 +84,27 @@ class InProcessBackend(Backend):
 
     def stop(self) -> None:
         self.resident.clear()
+
+
+def _within(timeout: float, runtime: ClientRuntime, request: Message) -> Message:
+    """Run one client's work with a deadline. Clients run one after another here, so each gets
+    ``timeout`` seconds of its own, as if they ran in parallel on a real federation. A client past
+    its deadline is abandoned: a thread cannot be killed, so it finishes in the background (a daemon,
+    which never holds up the process's exit), but its reply and its weights are thrown away."""
+    outcome: list[Message | BaseException] = []
+
+    def work() -> None:
+        try:
+            outcome.append(runtime.handle(request))
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=work, name=f"client-{runtime.client_id}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        runtime.abandoned.set()
+        raise TimeoutError
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
