@@ -85,20 +85,35 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def run(
-    recipe: RecipeArg,
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(help="recipe YAML file (with --resume it may be left out)", show_default=False),
+    ] = None,
     set_: SetOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default runs/NAME-TIME)")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out after its last round")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", metavar="RUN_DIR", help="continue this run after its last completed round"),
+    ] = None,
 ) -> None:
     """Run a recipe: rounds with progress bars, results in the run directory."""
     from fedmmkt_core.runner import Runner, default_run_dir
 
+    if resume is not None:
+        if out_dir is not None and out_dir.resolve() != resume.resolve():
+            _fail(f"--out {out_dir} and --resume {resume} name different run directories")
+        out_dir = resume
+        if recipe is None:
+            recipe = resume / "recipe.resolved.yaml"
+            if not recipe.is_file():
+                _fail(f"cannot resume: {resume} is not a run directory (no recipe.resolved.yaml)")
+    elif recipe is None:
+        _fail("give a RECIPE to run, or --resume RUN_DIR to continue a run")
+    assert recipe is not None
     loaded = _guard(_load, recipe, set_)
-    if resume and out_dir is None:
-        _fail("--resume needs --out RUN_DIR (the directory of the run to continue)")
     target = out_dir or default_run_dir(loaded)
     with _Progress() as progress:
-        runner = Runner(loaded, target, resume=resume, events=progress.event)
+        runner = Runner(loaded, target, resume=resume is not None, events=progress.event)
         summary = _guard(runner.run)
     table = Table(title=f"summary ({target})", show_header=False)
     for key, value in summary.items():

@@ -23,6 +23,7 @@ import numpy as np
 from .data import DistillSet, ImageSet, TaskSpec
 from .faults import FaultSpec
 from .interfaces import ClientModel
+from .privacy import SoftLabelPrivacy
 from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
 
@@ -42,6 +43,7 @@ class ClientRuntime:
         test: ImageSet,
         task: TaskSpec,
         fault: FaultSpec | None = None,
+        privacy: SoftLabelPrivacy | None = None,
     ):
         self.client_id = client_id
         self.model = model
@@ -49,6 +51,7 @@ class ClientRuntime:
         self.test = test
         self.task = task
         self.fault = fault
+        self.privacy = privacy
         self.weights_changed = False
         self.abandoned = threading.Event()  # set by a backend that stopped waiting for this client
 
@@ -93,20 +96,23 @@ class ClientRuntime:
         self.weights_changed = True
         arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
         if predict_images is not None:
-            arrays.update(self._logits(predict_images, str(message.config.get("logits_dtype", "float32"))))
+            arrays.update(self._logits(predict_images, message))
         config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
         return Message("fit_reply", config, arrays)
 
-    def _logits(self, images: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    def _logits(self, images: np.ndarray, message: Message) -> dict[str, np.ndarray]:
+        dtype = str(message.config.get("logits_dtype", "float32"))
         if dtype not in LOGIT_DTYPES:
             raise MessageError(f"logits_dtype must be one of {sorted(LOGIT_DTYPES)}, got '{dtype}'")
         logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)
+        if self.privacy is not None:  # noised here, on the client: the server never sees clean logits
+            logits = self.privacy.privatize(logits, _seed(message), self.client_id)
         counts = self.train.class_counts(self.task.num_classes)
         return {"logits": logits.astype(LOGIT_DTYPES[dtype]), "class_counts": counts}
 
     def _predict(self, message: Message) -> Message:
         images = self._images(message, "images")
-        arrays = self._logits(images, str(message.config.get("logits_dtype", "float32")))
+        arrays = self._logits(images, message)
         return Message("predict_reply", {"num_samples": len(self.train)}, arrays)
 
     def _evaluate(self, message: Message) -> Message:

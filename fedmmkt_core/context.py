@@ -98,7 +98,8 @@ class RunContext:
         model = model if model is not None else self.build_client_model(client_id)
         train = self.splits.train.subset(self.partitions[client_id])
         fault = self.recipe.client_groups()[client_id].fault
-        return ClientRuntime(client_id, model, train, self.splits.test, self.task, fault=fault)
+        privacy = self.recipe.privacy
+        return ClientRuntime(client_id, model, train, self.splits.test, self.task, fault=fault, privacy=privacy)
 
     def sample_clients(self, round_index: int) -> list[int]:
         fed = self.recipe.federation

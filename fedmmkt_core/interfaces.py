@@ -273,6 +273,8 @@ class Algorithm(Component):
 
     kind = "algorithm"
     needs_generator: ClassVar[bool] = False
+    #: clients upload logits on shared images (what the recipe's ``privacy`` section protects)
+    uploads_soft_labels: ClassVar[bool] = False
 
     def setup(self, ctx: RunContext) -> None:
         """Called once before the first round (and again on resume, before ``load_state``)."""

@@ -19,6 +19,7 @@ from .errors import PluginError, RecipeError, RecipeIssue, UserError
 from .faults import FaultSpec
 from .interfaces import Component, ComponentConfig
 from .plugins import Registry, suggest
+from .privacy import SoftLabelPrivacy
 
 FORMAT_VERSION = 1
 
@@ -84,6 +85,9 @@ class Recipe(_Strict):
     alignment_losses: list[WeightedComponentSpec] = Field(default_factory=list)
     backend: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="inprocess"))
     loggers: list[ComponentSpec] = Field(default_factory=lambda: [ComponentSpec(name="console")])
+    privacy: SoftLabelPrivacy | None = Field(
+        None, description="differential privacy on the uploaded soft labels (clients clip and add noise)"
+    )
 
     _base_dir: Path = PrivateAttr(default=Path("."))
     _registry: Registry | None = PrivateAttr(default=None)
@@ -263,6 +267,14 @@ def _cross_checks(recipe: Recipe, registry: Registry, located) -> list[RecipeIss
     algorithm_cls = registry.get("algorithm", recipe.algorithm.name).cls
     if getattr(algorithm_cls, "needs_generator", False) and recipe.generator is None:
         issues.append(located(("generator",), f"algorithm '{recipe.algorithm.name}' needs a generator section"))
+    if recipe.privacy is not None and not getattr(algorithm_cls, "uploads_soft_labels", False):
+        issues.append(
+            located(
+                ("privacy",),
+                f"privacy covers uploaded soft labels, and algorithm '{recipe.algorithm.name}' uploads none "
+                f"(use fedmmkt or feddf, or remove the privacy section)",
+            )
+        )
     if recipe.federation.min_clients > recipe.num_clients:
         issues.append(
             located(

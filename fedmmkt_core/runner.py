@@ -30,6 +30,7 @@ SUMMARY_FROM_LAST_ROUND = (
     "generator_fid_initial",
     "generator_fid",
     "alignment_rate",
+    "privacy_epsilon",
 )
 
 
@@ -188,6 +189,8 @@ class Runner:
         row["bytes_down_total"] = int(sum(stats.bytes_down.values()))
         for phase, seconds in stats.phase_seconds.items():
             row[f"seconds_{phase}"] = seconds
+        if self.recipe.privacy is not None:
+            row["privacy_epsilon"] = self._epsilon_spent(ctx.sampled)
         ctx.backend.commit_round(round_index)  # type: ignore[union-attr]
         row["seconds_round"] = time.perf_counter() - start
         # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
@@ -197,6 +200,17 @@ class Runner:
         log.info("round %d: %s", round_index + 1, json.dumps({k: v for k, v in row.items() if k != "client_accuracy"}))
         self.events("round_end", round=round_index + 1, metrics=row)
         return row
+
+    def _epsilon_spent(self, sampled_now: list[int]) -> float:
+        """Largest ε over clients; every round a client was sampled in counts as an upload."""
+        uploads: dict[int, int] = {}
+        for row in self.run_dir.read_metrics():
+            for client_id in row.get("clients_sampled", []):
+                uploads[client_id] = uploads.get(client_id, 0) + 1
+        for client_id in sampled_now:
+            uploads[client_id] = uploads.get(client_id, 0) + 1
+        assert self.recipe.privacy is not None
+        return self.recipe.privacy.epsilon_spent(uploads.values())
 
     def _save_checkpoint(self, ctx: RunContext, algorithm: Algorithm, rounds_completed: int) -> None:
         directory = self.run_dir.checkpoint_dir

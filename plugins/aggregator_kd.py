@@ -23,7 +23,9 @@ class KDConfig(ComponentConfig):
         ),
     )
     robust: Literal["none", "median", "trimmed_mean"] = Field(
-        "none", description="coordinate-wise median or trimmed mean over clients instead of the weighted mean"
+        "none",
+        description="coordinate-wise median or trimmed mean over clients instead of the weighted mean; with "
+        "class_aware weighting only the clients holding a class vote on it, each with one voice",
     )
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end for trimmed_mean")
 
@@ -53,16 +55,24 @@ class KDAggregator(Aggregator):
                 raise ClientFailure(reply.client_id, "logits contain NaN or infinite values")
         probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
         cfg = self.config
-        if cfg.robust == "median":
-            q = np.median(probs, axis=0)
-        elif cfg.robust == "trimmed_mean":
-            q = _trimmed_mean(probs, cfg.trim_fraction)
+        if cfg.robust != "none":
+            voters = self._class_holders(replies, probs.shape[-1]) if cfg.weighting == "class_aware" else None
+            q = _robust_mean(probs, voters, cfg.robust, cfg.trim_fraction)
         else:
             q = (self._weights(replies, probs) * probs).sum(axis=0) / np.maximum(
                 self._weights(replies, probs).sum(axis=0), 1e-12
             )
         q = np.maximum(q, 0.0)
         return (q / q.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+    def _class_holders(self, replies: Sequence[ClientReply], num_classes: int) -> np.ndarray:
+        """[K, C] True where client k holds class c (everyone, for a class nobody holds).
+
+        A client's claimed counts decide only whether it votes on a class, never how loudly, so
+        inflated counts buy a robust aggregate nothing."""
+        holders = np.stack([_counts(r, num_classes) for r in replies]) > 0
+        holders[:, ~holders.any(axis=0)] = True
+        return holders
 
     def _weights(self, replies: Sequence[ClientReply], probs: np.ndarray) -> np.ndarray:
         """Weights broadcastable to ``probs`` [K, N, C]."""
@@ -89,9 +99,17 @@ def _counts(reply: ClientReply, num_classes: int) -> np.ndarray:
     return np.maximum(reply.class_counts, 0)
 
 
-def _trimmed_mean(values: np.ndarray, fraction: float) -> np.ndarray:
-    cut = int(np.floor(fraction * values.shape[0]))
-    ordered = np.sort(values, axis=0)
-    if cut:
-        ordered = ordered[cut:-cut]
-    return ordered.mean(axis=0)
+def _robust_mean(probs: np.ndarray, voters: np.ndarray | None, kind: str, fraction: float) -> np.ndarray:
+    """Coordinate-wise median or trimmed mean over clients of ``probs`` [K, N, C]; with ``voters``
+    [K, C], column c only over the clients that vote on class c."""
+    if voters is None:
+        voters = np.ones((probs.shape[0], probs.shape[-1]), dtype=bool)
+    q = np.empty(probs.shape[1:], dtype=np.float64)
+    for c in range(probs.shape[-1]):
+        column = np.sort(probs[voters[:, c], :, c], axis=0)  # [voters, N]
+        if kind == "median":
+            q[:, c] = np.median(column, axis=0)
+        else:
+            cut = int(np.floor(fraction * column.shape[0]))
+            q[:, c] = column[cut : column.shape[0] - cut].mean(axis=0)
+    return q

@@ -58,6 +58,7 @@ class FedMMKT(Algorithm):
     Config = FedMMKTConfig
     config: FedMMKTConfig
     needs_generator = True
+    uploads_soft_labels = True
     update_generator: ClassVar[bool] = True
     client_feedback: ClassVar[bool] = True
     distill_on_replay: ClassVar[bool] = False
@@ -84,6 +85,7 @@ class FedMMKT(Algorithm):
     def setup(self, ctx: RunContext) -> None:
         task = ctx.task
         self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
+        self.privacy = ctx.recipe.privacy
         self.aggregator = ctx.aggregator if ctx.aggregator is not None else KDAggregator()
         self.previous = None
         self.replay = None
@@ -191,13 +193,12 @@ class FedMMKT(Algorithm):
         return Message("fit", config, arrays)
 
     def _check_logits(self, reply: Message, count: int) -> None:
-        logits = reply.array(
-            "logits", np.dtype(self.config.logits_dtype), (count, len(self.class_prompts)), finite=True
-        )
-        if count and float(np.abs(logits).max()) > MAX_ABS_LOGIT:
-            raise MessageError(
-                f"logits reach {float(np.abs(logits).max()):.4g}, beyond the plausible ±{MAX_ABS_LOGIT:g}"
-            )
+        shape = (count, len(self.class_prompts))
+        logits = reply.array("logits", np.dtype(self.config.logits_dtype), shape, finite=True)
+        largest = float(np.abs(logits).max()) if count else 0.0
+        bound = MAX_ABS_LOGIT + (8 * self.privacy.noise_std(count) if self.privacy is not None else 0.0)
+        if largest > bound:
+            raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
         counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
         if (counts < 0).any():
             raise MessageError("class_counts must not be negative")

@@ -67,3 +67,21 @@ def test_trimmed_mean_drops_extremes():
     q = agg(robust="trimmed_mean", trim_fraction=0.2).aggregate(0, replies)
     # drop 0.1 and 0.99 for class 0 (and the mirror for class 1): mean 0.6 / 0.4
     np.testing.assert_allclose(q, [[0.6, 0.4]], atol=1e-5)
+
+
+def test_class_aware_median_votes_among_holders_and_ignores_inflated_counts():
+    # Three honest clients: p(class 0) = 0.75. Client 2 holds no class-1 data; client 3 lies with
+    # confident wrong labels and claims 10^6 examples of every class.
+    honest = [ClientReply(k, np.array([[LN3, 0.0]], dtype=np.float32), 10, np.array([5, 5])) for k in range(2)]
+    without_class_1 = ClientReply(2, np.array([[0.0, 5.0]], dtype=np.float32), 10, np.array([10, 0]))
+    liar = ClientReply(3, np.array([[0.0, 20.0]], dtype=np.float32), 10, np.array([10**6, 10**6]))
+    replies = [*honest, without_class_1, liar]
+    mean = agg(weighting="class_aware").aggregate(0, replies)
+    assert mean[0, 1] > 0.99  # the inflated counts win the weighted mean outright
+    q = agg(weighting="class_aware", robust="median").aggregate(0, replies)
+    # class 0: everyone votes, median of (0.75, 0.75, p2, ~0); class 1: only holders 0, 1 and 3 vote
+    p2 = 1 / (1 + np.exp(5.0))
+    c0 = np.median([0.75, 0.75, p2, 1 / (1 + np.exp(20.0))])
+    c1 = np.median([0.25, 0.25, 1 - 1 / (1 + np.exp(20.0))])
+    np.testing.assert_allclose(q, [[c0 / (c0 + c1), c1 / (c0 + c1)]], atol=1e-6)
+    assert q[0, 0] > 0.5  # the honest class still wins

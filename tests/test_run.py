@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     assert len(read_rows(tmp_path / "cut")) == 2
     result = runner.invoke(
         app,
-        ["run", str(SMOKE), *sum((["--set", o] for o in overrides), []), "--out", str(tmp_path / "cut"), "--resume"],
+        ["run", str(SMOKE), *sum((["--set", o] for o in overrides), []), "--resume", str(tmp_path / "cut")],
     )
     assert result.exit_code == 0, result.output
     assert without_timing(read_rows(tmp_path / "cut")) == without_timing(read_rows(tmp_path / "full"))
@@ -79,7 +79,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
 def test_resume_refuses_a_different_recipe(tmp_path):
     Runner(load_recipe(SMOKE, ["federation.rounds=1"]), tmp_path / "r").run()
-    result = runner.invoke(app, ["run", str(SMOKE), "--out", str(tmp_path / "r"), "--resume"])
+    result = runner.invoke(app, ["run", str(SMOKE), "--resume", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "recipe differs" in result.output
 
