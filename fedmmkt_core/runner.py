@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,16 +91,35 @@ class Runner:
         return 0
 
     def run(self) -> dict[str, Any]:
+        existed = self.run_dir.root.exists()
         completed = self._prepare_directory()
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        discard = False
         try:
             return self._run(completed)
+        except UserError:
+            # Bad input found before any round finished (data, checkpoint...): leave nothing behind
+            # that looks like a result. An interrupted run keeps its directory, to resume.
+            discard = not self.resume and not self.run_dir.read_metrics()
+            raise
         finally:
             log.removeHandler(handler)
             handler.close()
+            if discard:
+                self._discard(existed)
+
+    def _discard(self, existed: bool) -> None:
+        """Remove what this run wrote (the whole directory when this run created it)."""
+        if not existed:
+            shutil.rmtree(self.run_dir.root, ignore_errors=True)
+            return
+        for path in (self.run_dir.recipe_path, self.run_dir.log_path, self.run_dir.metrics_path):
+            path.unlink(missing_ok=True)
+        for folder in (self.run_dir.checkpoint_dir, self.run_dir.root / "samples"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, completed: int) -> dict[str, Any]:
         recipe = self.recipe
