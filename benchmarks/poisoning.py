@@ -5,8 +5,9 @@
 The recipe's client groups are cut to ``--honest`` clients each and one more client, a copy of the
 first group, uploads poisoned soft labels (``fault: {type: poison}``: confident wrong labels and
 class counts inflated 10,000x). A recipe that already has a faulty group (examples/poisoning.yaml)
-is used as it is. Four runs per seed: {mean, robust} x {clean, attacked}; client accuracy is the
-honest clients' mean. Writes ``benchmarks/results/poisoning-<recipe>.json`` and prints a table.
+is used as it is. Per seed and aggregator (plain class-aware mean, class-aware median, screen) a
+clean and an attacked run; client accuracy is the honest clients' mean. Writes (merging with earlier
+runs) ``benchmarks/results/poisoning-<recipe>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -25,12 +26,7 @@ from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.runner import Runner
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {
-    "mean-clean": ("none", False),
-    "mean-attacked": ("none", True),
-    "robust-clean": ("median", False),
-    "robust-attacked": ("median", True),
-}
+AGGREGATORS = {"mean": "none", "median": "median", "screen": "screen"}  # variant name -> kd `robust`
 
 
 def attacked_recipe(source: Path, honest: list[int] | None, fault: str) -> tuple[dict, int]:
@@ -61,6 +57,7 @@ def main() -> None:
     parser.add_argument("--honest", type=int, nargs="+", help="honest clients per group (default: as the recipe)")
     parser.add_argument("--fault", default="poison")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--aggregators", nargs="+", choices=sorted(AGGREGATORS), default=list(AGGREGATORS))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-poisoning"))
     args = parser.parse_args()
@@ -72,38 +69,44 @@ def main() -> None:
     before = sum(group.get("count", 1) for group in data["clients"][:faulty])
     attackers = {str(before + i) for i in range(data["clients"][faulty].get("count", 1))}
 
-    results: dict[str, list[dict]] = {}
+    target = RESULTS / f"poisoning-{args.recipe.stem}.json"
+    earlier = json.loads(target.read_text()) if target.exists() else {}
+    results: dict[str, list[dict]] = earlier.get("results", {})
+    for variant in [f"{a}-{c}" for a in args.aggregators for c in ("clean", "attacked")]:
+        results[variant] = [r for r in results.get(variant, []) if r["seed"] not in args.seeds]
     for seed in args.seeds:
-        for variant, (robust, attacked) in VARIANTS.items():
-            settings = [*args.overrides, f"seed={seed}", f"aggregator.params.robust={robust}"]
-            if not attacked:
-                settings.append(f"clients.{faulty}.fault=null")
-            recipe = load_recipe(recipe_file, settings)
-            print(f"running {variant} seed {seed} ...", flush=True)
-            start = time.perf_counter()
-            out = args.out / f"{variant}-seed{seed}"
-            summary = Runner(recipe, out).run()
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            mean, low = honest_accuracy(rows[-1], attackers)
-            results.setdefault(variant, []).append(
-                {
-                    "seed": seed,
-                    "honest_accuracy_mean": mean,
-                    "honest_accuracy_min": low,
-                    "generator_cas_initial": summary.get("generator_cas_initial"),
-                    "generator_cas": summary.get("generator_cas"),
-                    "generator_fid": summary.get("generator_fid"),
-                    "alignment_rate": summary.get("alignment_rate"),
-                    "wall_seconds": time.perf_counter() - start,
-                }
-            )
+        for aggregator in args.aggregators:
+            for attacked in (False, True):
+                variant = f"{aggregator}-{'attacked' if attacked else 'clean'}"
+                settings = [*args.overrides, f"seed={seed}", f"aggregator.params.robust={AGGREGATORS[aggregator]}"]
+                if not attacked:
+                    settings.append(f"clients.{faulty}.fault=null")
+                recipe = load_recipe(recipe_file, settings)
+                print(f"running {variant} seed {seed} ...", flush=True)
+                start = time.perf_counter()
+                out = args.out / f"{variant}-seed{seed}"
+                summary = Runner(recipe, out).run()
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                mean, low = honest_accuracy(rows[-1], attackers)
+                results.setdefault(variant, []).append(
+                    {
+                        "seed": seed,
+                        "honest_accuracy_mean": mean,
+                        "honest_accuracy_min": low,
+                        "generator_cas_initial": summary.get("generator_cas_initial"),
+                        "generator_cas": summary.get("generator_cas"),
+                        "generator_fid": summary.get("generator_fid"),
+                        "alignment_rate": summary.get("alignment_rate"),
+                        "wall_seconds": time.perf_counter() - start,
+                    }
+                )
 
     def average(variant: str, key: str) -> float:
         values = [r[key] for r in results[variant] if r[key] is not None]
         return sum(values) / len(values) if values else float("nan")
 
     print(f"\n{'variant':16} {'acc mean':>9} {'acc min':>8} {'CAS':>6}")
-    for variant in VARIANTS:
+    for variant in sorted(v for v in results if results[v]):
         print(
             f"{variant:16} {average(variant, 'honest_accuracy_mean'):9.3f} "
             f"{average(variant, 'honest_accuracy_min'):8.3f} {average(variant, 'generator_cas'):6.3f}"
@@ -113,16 +116,19 @@ def main() -> None:
             key: average(f"{aggregator}-attacked", key) - average(f"{aggregator}-clean", key)
             for key in ("honest_accuracy_mean", "generator_cas")
         }
-        for aggregator in ("mean", "robust")
+        for aggregator in AGGREGATORS
+        if results.get(f"{aggregator}-attacked") and results.get(f"{aggregator}-clean")
     }
     print("attacked - clean:", json.dumps(effect, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"poisoning-{args.recipe.stem}.json"
-    payload = {
-        "command": "python -m benchmarks.poisoning "
+    command = (
+        "python -m benchmarks.poisoning "
         + " ".join([f"--recipe {args.recipe}", *(["--honest", *map(str, args.honest)] if args.honest else [])])
-        + f" --seeds {' '.join(map(str, args.seeds))}"
-        + "".join(f" --set {o}" for o in args.overrides),
+        + f" --seeds {' '.join(map(str, args.seeds))} --aggregators {' '.join(args.aggregators)}"
+        + "".join(f" --set {o}" for o in args.overrides)
+    )
+    payload = {
+        "commands": [*earlier.get("commands", []), command],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": False},
         "fault": data["clients"][faulty]["fault"],
         "attackers": sorted(attackers),

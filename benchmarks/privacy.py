@@ -2,9 +2,9 @@
 
     python -m benchmarks.privacy [--recipe examples/digits.yaml] [--noise 0.25 1 4] [--seeds 0] [--set K=V ...]
 
-One run without privacy, then one per noise multiplier (``privacy: {noise_multiplier: z}``, the
+One run without privacy (unless --skip-baseline), then one per noise multiplier (``privacy: {noise_multiplier: z}``, the
 recipe's clip norm or 5.0). Reports client accuracy, generator CAS and the ε spent at δ=1e-5.
-Writes ``benchmarks/results/privacy-<recipe>.json`` and prints a table.
+Writes (merging with earlier runs) ``benchmarks/results/privacy-<recipe>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -30,31 +30,35 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy"))
+    parser.add_argument("--skip-baseline", action="store_true", help="keep the stored run without privacy")
     args = parser.parse_args()
 
-    rows = []
-    for seed in args.seeds:
-        for noise in [None, *args.noise]:
-            settings = [*args.overrides, f"seed={seed}"]
-            if noise is not None:
-                settings.append(f"privacy={{noise_multiplier: {noise}, clip_norm: {args.clip}}}")
-            label = "none" if noise is None else f"z={noise:g}"
-            print(f"running privacy {label} seed {seed} ...", flush=True)
-            start = time.perf_counter()
-            summary = Runner(load_recipe(args.recipe, settings), args.out / f"{label}-seed{seed}").run()
-            rows.append(
-                {
-                    "seed": seed,
-                    "noise_multiplier": noise,
-                    "clip_norm": args.clip if noise is not None else None,
-                    "epsilon": summary.get("privacy_epsilon"),
-                    "client_accuracy_mean": summary["client_accuracy_mean"],
-                    "client_accuracy_min": summary["client_accuracy_min"],
-                    "generator_cas": summary.get("generator_cas"),
-                    "rounds": summary["rounds_completed"],
-                    "wall_seconds": time.perf_counter() - start,
-                }
-            )
+    target = RESULTS / f"privacy-{args.recipe.stem}.json"
+    earlier = json.loads(target.read_text()) if target.exists() else {}
+    baseline = [] if args.skip_baseline else [None]
+    runs = [(seed, noise) for seed in args.seeds for noise in [*baseline, *args.noise]]
+    rows = [r for r in earlier.get("results", []) if (r["seed"], r["noise_multiplier"]) not in runs]
+    for seed, noise in runs:
+        settings = [*args.overrides, f"seed={seed}"]
+        if noise is not None:
+            settings.append(f"privacy={{noise_multiplier: {noise}, clip_norm: {args.clip}}}")
+        label = "none" if noise is None else f"z={noise:g}"
+        print(f"running privacy {label} seed {seed} ...", flush=True)
+        start = time.perf_counter()
+        summary = Runner(load_recipe(args.recipe, settings), args.out / f"{label}-seed{seed}").run()
+        rows.append(
+            {
+                "seed": seed,
+                "noise_multiplier": noise,
+                "clip_norm": args.clip if noise is not None else None,
+                "epsilon": summary.get("privacy_epsilon"),
+                "client_accuracy_mean": summary["client_accuracy_mean"],
+                "client_accuracy_min": summary["client_accuracy_min"],
+                "generator_cas": summary.get("generator_cas"),
+                "rounds": summary["rounds_completed"],
+                "wall_seconds": time.perf_counter() - start,
+            }
+        )
 
     print(f"\n{'noise':>6} {'epsilon':>9} {'acc mean':>9} {'acc min':>8} {'CAS':>6}")
     for row in rows:
@@ -66,13 +70,13 @@ def main() -> None:
             f"{cas if cas is None else f'{cas:.3f}':>6}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    target = RESULTS / f"privacy-{args.recipe.stem}.json"
+    rows.sort(key=lambda r: (r["seed"], -1.0 if r["noise_multiplier"] is None else r["noise_multiplier"]))
     command = (
         f"python -m benchmarks.privacy --recipe {args.recipe} --noise {' '.join(f'{z:g}' for z in args.noise)} "
         f"--clip {args.clip:g} --seeds {' '.join(map(str, args.seeds))}"
     ) + "".join(f" --set {o}" for o in args.overrides)
     payload = {
-        "command": command,
+        "commands": [*earlier.get("commands", []), command],
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": False},
         "delta": 1e-5,
         "results": rows,

@@ -140,10 +140,12 @@ class ClientReply:
 class Aggregator(Component):
     """Turns the clients' logits on the synthetic set into the federation's soft labels.
 
-    A pure function of (round, replies), so it can be tested with numbers computed by hand.
+    A pure function of (round, replies), so it can be tested with numbers computed by hand. A robust
+    aggregator that leaves clients out lists their ids in ``excluded`` (reported as ``kd_excluded``).
     """
 
     kind = "aggregator"
+    excluded: list[int] = []
 
     @abstractmethod
     def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:

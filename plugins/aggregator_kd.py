@@ -22,12 +22,21 @@ class KDConfig(ComponentConfig):
             "(a client without a class does not vote on it)"
         ),
     )
-    robust: Literal["none", "median", "trimmed_mean"] = Field(
+    robust: Literal["none", "median", "trimmed_mean", "screen"] = Field(
         "none",
-        description="coordinate-wise median or trimmed mean over clients instead of the weighted mean; with "
-        "class_aware weighting only the clients holding a class vote on it, each with one voice",
+        description="median / trimmed_mean: coordinate-wise over clients instead of the weighted mean (with "
+        "class_aware weighting only the clients holding a class vote on it, one voice each); screen: drop the "
+        "clients whose top-1 labels disagree with that median consensus, then the weighted mean of the rest "
+        "with every claimed class count capped at 3x the median claim",
     )
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end for trimmed_mean")
+    screen_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="screen drops a client agreeing with the consensus on fewer samples than this share "
+        "of the clients' median agreement",
+    )
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -55,13 +64,18 @@ class KDAggregator(Aggregator):
                 raise ClientFailure(reply.client_id, "logits contain NaN or infinite values")
         probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
         cfg = self.config
-        if cfg.robust != "none":
-            voters = self._class_holders(replies, probs.shape[-1]) if cfg.weighting == "class_aware" else None
+        self.excluded = []
+        voters = self._class_holders(replies, probs.shape[-1]) if cfg.weighting == "class_aware" else None
+        if cfg.robust in ("median", "trimmed_mean"):
             q = _robust_mean(probs, voters, cfg.robust, cfg.trim_fraction)
         else:
-            q = (self._weights(replies, probs) * probs).sum(axis=0) / np.maximum(
-                self._weights(replies, probs).sum(axis=0), 1e-12
-            )
+            keep = np.ones(len(replies), dtype=bool)
+            if cfg.robust == "screen":
+                keep = self._screen(probs, voters)
+                self.excluded = [r.client_id for r, kept in zip(replies, keep, strict=True) if not kept]
+            kept_replies = [r for r, kept in zip(replies, keep, strict=True) if kept]
+            weights = self._weights(kept_replies, probs[keep], cap_counts=cfg.robust == "screen")
+            q = (weights * probs[keep]).sum(axis=0) / np.maximum(weights.sum(axis=0), 1e-12)
         q = np.maximum(q, 0.0)
         return (q / q.sum(axis=-1, keepdims=True)).astype(np.float32)
 
@@ -74,20 +88,39 @@ class KDAggregator(Aggregator):
         holders[:, ~holders.any(axis=0)] = True
         return holders
 
-    def _weights(self, replies: Sequence[ClientReply], probs: np.ndarray) -> np.ndarray:
+    def _screen(self, probs: np.ndarray, voters: np.ndarray | None) -> np.ndarray:
+        """[K] True for the clients to keep: a client's agreement is the share of samples whose
+        consensus class it holds on which its top-1 label is the consensus's."""
+        consensus = _robust_mean(probs, voters, "median", 0.0).argmax(axis=-1)  # [N]
+        top = probs.argmax(axis=-1)  # [K, N]
+        agree = top == consensus[None, :]
+        if voters is not None:
+            counted = voters[:, consensus]  # [K, N]: the client holds the consensus class
+            agreement = (agree & counted).sum(axis=1) / np.maximum(counted.sum(axis=1), 1)
+        else:
+            agreement = agree.mean(axis=1)
+        return agreement >= self.config.screen_fraction * float(np.median(agreement))
+
+    def _weights(self, replies: Sequence[ClientReply], probs: np.ndarray, cap_counts: bool = False) -> np.ndarray:
         """Weights broadcastable to ``probs`` [K, N, C]."""
         num_clients, _, num_classes = probs.shape
         kind = self.config.weighting
         if kind == "uniform":
             return np.ones((num_clients, 1, 1))
         if kind == "samples":
-            return np.array([max(r.num_samples, 0) for r in replies], dtype=np.float64)[:, None, None]
+            samples = np.array([max(r.num_samples, 0) for r in replies], dtype=np.float64)
+            if cap_counts:
+                samples = np.minimum(samples, 3.0 * np.median(samples))
+            return samples[:, None, None]
         if kind == "confidence":
             return probs.max(axis=-1, keepdims=True)
         if kind == "entropy":
             entropy = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1, keepdims=True)
             return 1.0 - entropy / np.log(num_classes) + 1e-6
         counts = np.stack([_counts(r, num_classes) for r in replies]).astype(np.float64)  # [K, C]
+        if cap_counts:  # a claim far above the others' for the same class buys no extra say
+            cap = [3.0 * float(np.median(column[column > 0])) if (column > 0).any() else 0.0 for column in counts.T]
+            counts = np.minimum(counts, np.array(cap)[None, :])
         no_holder = counts.sum(axis=0) == 0
         counts[:, no_holder] = 1.0  # nobody holds the class: everyone votes equally on it
         return counts[:, None, :]

@@ -161,6 +161,9 @@ class FedMMKT(Algorithm):
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
             "alignment_mean": float(np.mean(batch.alignment)),
         }
+        excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
+        if excluded:
+            metrics["kd_excluded"] = list(excluded)
         seen = batch if self.replay is None else concatenate(self.replay, batch)
         if self.update_generator:
             training = seen

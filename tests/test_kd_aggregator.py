@@ -85,3 +85,24 @@ def test_class_aware_median_votes_among_holders_and_ignores_inflated_counts():
     c1 = np.median([0.25, 0.25, 1 - 1 / (1 + np.exp(20.0))])
     np.testing.assert_allclose(q, [[c0 / (c0 + c1), c1 / (c0 + c1)]], atol=1e-6)
     assert q[0, 0] > 0.5  # the honest class still wins
+
+
+def test_screen_drops_the_client_that_disagrees_and_caps_inflated_counts():
+    # Three samples, three classes. Honest clients agree on the top class of every sample; the liar names
+    # the next class and claims 10^6 examples of each class.
+    honest_logits = np.log(np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]))
+    honest = [ClientReply(k, honest_logits.astype(np.float32), 10, np.array([4, 3, 3])) for k in range(3)]
+    liar_logits = np.roll(honest_logits, 1, axis=1).astype(np.float32)
+    liar = ClientReply(3, liar_logits, 10, np.array([10**6] * 3))
+    aggregator = agg(weighting="class_aware", robust="screen")
+    q = aggregator.aggregate(0, [*honest, liar])
+    assert aggregator.excluded == [3]
+    np.testing.assert_allclose(q, np.exp(honest_logits), atol=1e-6)
+    # a loud but honest client is kept, its claim capped at 3x the median claim (9 instead of 1000)
+    loud = ClientReply(3, honest_logits.astype(np.float32), 10, np.array([1000, 3, 3]))
+    different = ClientReply(4, np.log(np.full((3, 3), 1 / 3)).astype(np.float32), 10, np.array([3, 3, 3]))
+    q = aggregator.aggregate(0, [*honest, loud, different])
+    assert aggregator.excluded == [4]  # uniform predictions agree with nothing
+    np.testing.assert_allclose(q, np.exp(honest_logits), atol=1e-6)
+    weights = aggregator._weights([*honest, loud], np.zeros((4, 3, 3)), cap_counts=True)
+    assert weights[:, 0, 0].tolist() == [4, 4, 4, 12]
