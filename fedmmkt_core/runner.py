@@ -89,6 +89,11 @@ class Runner:
         return 0
 
     def run(self) -> dict[str, Any]:
+        backend = self.recipe.build("backend", self.recipe.backend)
+        assert isinstance(backend, Backend)
+        summary = backend.launch(self)  # a backend that hosts the round loop elsewhere (Flower deployment)
+        if summary is not None:
+            return summary
         completed = self._prepare_directory()
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
