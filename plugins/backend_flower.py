@@ -407,6 +407,7 @@ def _app_pyproject(run_config: dict[str, Any]) -> str:
         'name = "fedmmkt-run"',
         'version = "1.0.0"',
         'description = "A fedmmkt recipe as a Flower App (written by fedmmkt run)"',
+        'license = "Apache-2.0"',
         "dependencies = []  # runs in the installed environment (fedmmkt[flower])",
         "",
         "[tool.flwr.app]",
