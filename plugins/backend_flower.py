@@ -252,9 +252,11 @@ class FlowerBackend(Backend):
             keys.append(key)
         sizes = {key: flower_nbytes(msg) for key, msg in zip(keys, outgoing, strict=True)} if record else {}
         message_ids = list(self.grid.push_messages(outgoing))
+        if len(message_ids) != len(keys):  # Flower returns [] when the SuperLink refuses the request (HTTP 413)
+            message_ids = [""] * len(keys)
         pending = {mid: key for mid, key in zip(message_ids, keys, strict=True) if mid}
         replies: dict[int, Message | BaseException] = {
-            key: ClientFailure(key, "the SuperLink refused the message")
+            key: ClientFailure(key, "the SuperLink refused the message (too large?)")
             for mid, key in zip(message_ids, keys, strict=True)
             if not mid
         }
