@@ -33,7 +33,8 @@ def echo(message, context):
     try:
         request = from_records(message.content)
         size = int(request.arrays["payload"].nbytes)
-        reply = Message("echo", {"received": size}, {"payload": np.ones(size, dtype=np.uint8)})
+        payload = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+        reply = Message("echo", {"received": size}, {"payload": payload})
     except Exception as exc:
         reply = Message("error", {"reason": f"{type(exc).__name__}: {exc}"})
     return FlowerMessage(to_records(reply), reply_to=message)
@@ -49,7 +50,8 @@ def main(grid, context):
     results = []
     for mb in json.loads(config["sizes-mb"]):
         size = int(mb * 1024 * 1024)
-        message = Message("probe", {}, {"payload": np.zeros(size, dtype=np.uint8)})
+        payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)  # random: Flower dedupes equal chunks
+        message = Message("probe", {}, {"payload": payload})
         outgoing = FlowerMessage(to_records(message), node, "query")
         row = {"mb": mb, "toolkit_bytes_down": message.nbytes, "flower_bytes_down": flower_nbytes(outgoing)}
         start = time.perf_counter()
