@@ -258,7 +258,7 @@ def federation_up(
         int | None, typer.Option("--nodes", "-n", help="SuperNodes to start (default: the recipe's clients)")
     ] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="size the federation for this recipe")] = None,
-    port: Annotated[int, typer.Option("--port", help="the SuperLink's HTTP port on 127.0.0.1")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="SuperLink HTTP port on 127.0.0.1 (0: any free)")] = 8000,
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="logs and FLWR_HOME folders (default: a temp dir)")
     ] = None,
@@ -267,6 +267,7 @@ def federation_up(
 
     Node k holds partition-id k. Then run a recipe on it with
     `fedmmkt run R --set 'backend={name: flower, params: {superlink: "127.0.0.1:PORT", insecure: true}}'`."""
+    import signal
     import tempfile
     import time
 
@@ -277,7 +278,13 @@ def federation_up(
             _fail("give --nodes N or --recipe R")
         nodes = _guard(_load, recipe, []).num_clients
     folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
-    federation = LocalFederation(nodes, folder, port=port)
+    federation = LocalFederation(nodes, folder, port=port or None)
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the federation as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
     _guard(federation.start)
     try:
         for name, proc in federation.processes.items():

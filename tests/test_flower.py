@@ -4,6 +4,7 @@ Every process is started in its own session and stopped by process group in a ``
 """
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -177,3 +178,28 @@ def test_stop_ends_every_process_it_started(tmp_path):
         fed.stop()
     assert len(pids) >= 3
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_federation_up_command_starts_and_stops_its_processes(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "fedmmkt"
+    command = [str(exe), "federation", "up", "--nodes", "2", "--port", "0", "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+        pids = [int(p) for p in re.findall(r"pid (\d+)", _read(log))]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert "stopping" in _read(log)
+        assert not [p for p in pids if alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
