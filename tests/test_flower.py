@@ -42,6 +42,10 @@ def run_cli(overrides, out: Path):
 @pytest.fixture
 def federation(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    # One torch thread per process: 3 ClientApps + the ServerApp on 2 cores otherwise spin-wait on each
+    # other (rounds 20-40x slower under load). The thread count changes float results, so the
+    # in-process run it is compared with uses one thread too.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fed = LocalFederation(3, tmp_path / "federation")
     try:
         fed.start()
@@ -62,7 +66,14 @@ def wait_for(condition, seconds: float, what: str) -> None:
 
 
 def test_flower_deployment_reproduces_the_inprocess_run(tmp_path, federation):
-    Runner(load_recipe(SMOKE, THREE_CLIENTS), tmp_path / "inprocess").run()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the federation's processes (OMP_NUM_THREADS=1)
+    try:
+        Runner(load_recipe(SMOKE, THREE_CLIENTS), tmp_path / "inprocess").run()
+    finally:
+        torch.set_num_threads(threads)
     result = run_cli([*THREE_CLIENTS, flower_backend(federation)], tmp_path / "flower")
     assert result.exit_code == 0, result.output
     assert rows_without_timing(tmp_path / "flower") == rows_without_timing(tmp_path / "inprocess")
