@@ -261,6 +261,65 @@ class _Progress:
             err.print(f"[yellow]client {data['client']} failed in {data['phase']}[/yellow]: {_escape(data['reason'])}")
 
 
+federation_app = typer.Typer(
+    help="A local Flower federation (SuperLink + SuperNodes on 127.0.0.1) for the flower backend."
+)
+app.add_typer(federation_app, name="federation")
+
+
+@federation_app.command("up")
+def federation_up(
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", "-n", help="SuperNodes to start (default: the recipe's clients)")
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="size the federation for this recipe")] = None,
+    port: Annotated[int, typer.Option("--port", help="SuperLink HTTP port on 127.0.0.1 (0: any free)")] = 8000,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="logs and FLWR_HOME folders (default: a temp dir)")
+    ] = None,
+) -> None:
+    """Start a SuperLink and one SuperNode per client on 127.0.0.1; stop them all on Ctrl-C.
+
+    Node k holds partition-id k. Then run a recipe on it with
+    `fedmmkt run R --set 'backend={name: flower, params: {superlink: "127.0.0.1:PORT", insecure: true}}'`."""
+    import signal
+    import tempfile
+    import time
+
+    from fedmmkt_plugins.backend_flower import LocalFederation
+
+    if nodes is None:
+        if recipe is None:
+            _fail("give --nodes N or --recipe R")
+        nodes = _guard(_load, recipe, []).num_clients
+    folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
+    federation = LocalFederation(nodes, folder, port=port or None)
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the federation as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
+    _guard(federation.start)
+    try:
+        for name, proc in federation.processes.items():
+            out.print(f"{name}: pid {proc.pid} (log {folder / (name + '.log')})")
+        out.print(
+            f"SuperLink at [bold]{federation.address}[/bold] (insecure, loopback only); Ctrl-C stops every process"
+        )
+        out.print(
+            f"run a recipe: fedmmkt run R --set 'backend={{name: flower, params: "
+            f'{{superlink: "{federation.address}", insecure: true}}}}\''
+        )
+        while all(proc.poll() is None for proc in federation.processes.values()):
+            time.sleep(1.0)
+        _fail("a federation process exited; see the logs in " + str(folder), 1)
+    except KeyboardInterrupt:
+        out.print("stopping")
+    finally:
+        federation.stop()
+
+
 def main() -> None:
     app()
 

@@ -24,6 +24,7 @@ from .errors import DataError, RecipeIssue
 if TYPE_CHECKING:
     from .context import RunContext
     from .recipe import Recipe
+    from .runner import Runner
     from .wire import Message
 
 
@@ -316,6 +317,13 @@ class Backend(Component):
         """Send one message per client id; return each client's reply or the error it raised.
 
         Call ``progress(1)`` as each client finishes, for progress bars."""
+
+    def launch(self, runner: Runner) -> dict[str, Any] | None:
+        """Run the whole run where this backend's server lives and return its summary.
+
+        For backends that must own the server process (Flower deployment starts the round loop
+        inside its ServerApp). The default, ``None``, runs the round loop in this process."""
+        return None
 
     def commit_round(self, round_index: int) -> None:
         """The round finished: make client state written during it the state to resume from."""

@@ -91,6 +91,11 @@ class Runner:
         return 0
 
     def run(self) -> dict[str, Any]:
+        backend = self.recipe.build("backend", self.recipe.backend)
+        assert isinstance(backend, Backend)
+        summary = backend.launch(self)  # a backend that hosts the round loop elsewhere (Flower deployment)
+        if summary is not None:
+            return summary
         existed = self.run_dir.root.exists()
         completed = self._prepare_directory()
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")

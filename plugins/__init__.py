@@ -13,6 +13,7 @@ from .algorithm_fedmmkt import FedMMKT
 from .algorithm_fedmmkt_frozen import FedMMKTFrozenGenerator
 from .algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
 from .algorithm_local import LocalOnly
+from .backend_flower import FlowerBackend
 from .backend_inprocess import InProcessBackend
 from .client_cnn import CNNClient
 from .client_resnet import ResNetClient
@@ -70,6 +71,7 @@ def register_algorithms(register):
 @hookimpl
 def register_backends(register):
     register("inprocess", InProcessBackend)
+    register("flower", FlowerBackend)
 
 
 @hookimpl

@@ -1,0 +1,36 @@
+"""The Flower App objects fedmmkt runs (imported by Flower's app processes only, never by the registry).
+
+``flwr run`` names them in the app's pyproject: ``fedmmkt_plugins.flower_app:server_app`` and
+``fedmmkt_plugins.flower_app:client_app``. The logic lives in :mod:`fedmmkt_plugins.backend_flower`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from .backend_flower import handle_client, serve
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    serve(grid, context)
+
+
+@client_app.train()
+def _train(message: Message, context: Context) -> Message:
+    return handle_client(message, context)
+
+
+@client_app.evaluate()
+def _evaluate(message: Message, context: Context) -> Message:
+    return handle_client(message, context)
+
+
+@client_app.query()
+def _query(message: Message, context: Context) -> Message:
+    return handle_client(message, context)

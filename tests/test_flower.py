@@ -1,0 +1,216 @@
+"""The Flower backend on a real local federation: a SuperLink and 3 SuperNodes on 127.0.0.1.
+
+Every process is started in its own session and stopped by process group in a ``finally``.
+"""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from fedmmkt_cli.main import app
+from typer.testing import CliRunner
+
+from fedmmkt_core.recipe import load_recipe
+from fedmmkt_core.runner import Runner
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from fedmmkt_plugins.backend_flower import WIRE_FILE, LocalFederation  # noqa: E402
+
+SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
+THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2"]
+cli = CliRunner()
+
+
+def rows_without_timing(run_dir: Path):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in rows]
+
+
+def flower_backend(federation: LocalFederation) -> str:
+    return f'backend={{name: flower, params: {{superlink: "{federation.address}", insecure: true}}}}'
+
+
+def run_cli(overrides, out: Path):
+    args = ["run", str(SMOKE), *sum((["--set", o] for o in overrides), []), "--out", str(out)]
+    return cli.invoke(app, args)
+
+
+@pytest.fixture
+def federation(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    # One torch thread per process: 3 ClientApps + the ServerApp on 2 cores otherwise spin-wait on each
+    # other (rounds 20-40x slower under load). The thread count changes float results, so the
+    # in-process run it is compared with uses one thread too.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fed = LocalFederation(3, tmp_path / "federation")
+    try:
+        fed.start()
+        yield fed
+    finally:
+        started = {name: proc.pid for name, proc in fed.processes.items()}
+        fed.stop()
+        for name, pid in started.items():
+            assert fed.processes[name].poll() is not None, f"{name} (pid {pid}) still running"
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_flower_deployment_reproduces_the_inprocess_run(tmp_path, federation):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the federation's processes (OMP_NUM_THREADS=1)
+    try:
+        Runner(load_recipe(SMOKE, THREE_CLIENTS), tmp_path / "inprocess").run()
+    finally:
+        torch.set_num_threads(threads)
+    result = run_cli([*THREE_CLIENTS, flower_backend(federation)], tmp_path / "flower")
+    assert result.exit_code == 0, result.output
+    assert rows_without_timing(tmp_path / "flower") == rows_without_timing(tmp_path / "inprocess")
+    summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["client_failures"] == 0
+    # Bytes as Flower serializes the messages vs the toolkit's own count: within 10 % per message.
+    wire = [json.loads(line) for line in (tmp_path / "flower" / WIRE_FILE).read_text().splitlines()]
+    assert {row["round"] for row in wire} == {1, 2} and {row["client"] for row in wire} == {0, 1, 2}
+    for row in wire:
+        for direction in ("down", "up"):
+            toolkit, flower = row[f"{direction}_toolkit_bytes"], row[f"{direction}_flower_bytes"]
+            if toolkit > 10_000:  # small messages carry a fixed Flower envelope
+                assert abs(flower - toolkit) <= 0.1 * toolkit, row
+
+
+def is_client_app(pid: int) -> bool:
+    try:
+        return b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def kill_node_during_fit(federation: LocalFederation, run_dir: Path, name: str = "supernode-2") -> None:
+    """Once the ServerApp has mapped clients to nodes, wait for node 2's ClientApp process (its first
+    fit) and SIGKILL the node's whole process group: the node dies mid-round."""
+    wait_for(lambda: "client -> node" in _read(run_dir / "log.txt"), 240, "the ServerApp to map the nodes")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any(is_client_app(p) for p in federation.descendants(name)):
+        time.sleep(0.05)
+    federation.kill(name, signal.SIGKILL)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def run_with_a_killed_node(tmp_path, federation, min_clients: int):
+    import threading
+
+    out = tmp_path / "flower"
+    overrides = [*THREE_CLIENTS, "federation.rounds=1", f"federation.min_clients={min_clients}"]
+    killer = threading.Thread(target=kill_node_during_fit, args=(federation, out), daemon=True)
+    killer.start()
+    result = run_cli([*overrides, flower_backend(federation)], out)
+    killer.join(timeout=30)
+    return result, out
+
+
+def test_killed_supernode_the_round_goes_on_when_min_clients_allows(tmp_path, federation):
+    result, out = run_with_a_killed_node(tmp_path, federation, min_clients=2)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    failures = rows[0]["failures"]
+    assert {(f["client"], f["phase"]) for f in failures} >= {(2, "fit")}, failures
+    assert all(f["client"] == 2 and "SuperNode" in f["reason"] for f in failures), failures
+    assert set(rows[0]["client_accuracy"]) == {"0", "1"}  # evaluation goes on with the others
+
+
+def test_killed_supernode_fails_the_run_clearly_below_min_clients(tmp_path, federation):
+    result, _ = run_with_a_killed_node(tmp_path, federation, min_clients=3)
+    assert result.exit_code == 1, result.output
+    assert "run failed: round 1, phase 'fit': only 2 of 3 clients" in " ".join(result.output.split())
+    assert "client 2:" in result.output
+
+
+def test_unreachable_superlink_is_a_clear_error(tmp_path):
+    from fedmmkt_plugins.backend_flower import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    result = run_cli([*THREE_CLIENTS, f'backend={{name: flower, params: {{superlink: "{address}"}}}}'], tmp_path / "r")
+    assert result.exit_code == 2
+    assert f"cannot reach SuperLink at {address}" in result.output
+
+
+def test_missing_flwr_gives_the_install_hint(monkeypatch):
+    import builtins
+
+    from fedmmkt_plugins.backend_flower import require_flwr
+
+    from fedmmkt_core.errors import MissingDependencyError
+
+    real_import = builtins.__import__
+
+    def no_flwr(name, *args, **kwargs):
+        if name == "flwr" or name.startswith("flwr."):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flwr)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fedmmkt\[flower\]'"):
+        require_flwr()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_stop_ends_every_process_it_started(tmp_path):
+    fed = LocalFederation(1, tmp_path / "f")
+    try:
+        fed.start()
+        wait_for(lambda: fed.descendants("superlink"), 30, "the SuperLink's SuperExec")
+        pids = [p.pid for p in fed.processes.values()] + fed.descendants("superlink") + fed.descendants("supernode-0")
+    finally:
+        fed.stop()
+    assert len(pids) >= 3
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def test_federation_up_command_starts_and_stops_its_processes(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "fedmmkt"
+    command = [str(exe), "federation", "up", "--nodes", "2", "--port", "0", "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+        pids = [int(p) for p in re.findall(r"pid (\d+)", _read(log))]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert "stopping" in _read(log)
+        assert not [p for p in pids if alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
