@@ -529,7 +529,8 @@ def _result(runner: Runner, run_id: int | None, tail: list[str], not_started: st
         detail = "\n".join(tail[-15:])
         if run_id is None:
             raise UserError(f"{not_started}:\n{detail}")
-        raise RunFailed(f"Flower run {run_id} ended without a result ({hint.replace('RUN_ID', str(run_id))}):\n{detail}")
+        hint = hint.replace("RUN_ID", str(run_id))
+        raise RunFailed(f"Flower run {run_id} ended without a result ({hint}):\n{detail}")
     status = json.loads(status_path.read_text(encoding="utf-8"))
     if status["status"] != "finished":
         if status.get("error") in ("UserError", "RecipeError", "MissingDependencyError", "DataError", "PluginError"):

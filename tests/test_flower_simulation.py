@@ -77,8 +77,8 @@ def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch):
 def test_simulation_without_ray_gives_the_install_hint(tmp_path, monkeypatch):
     import importlib.util
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     result = run_cli([*THREE_CLIENTS, "backend={name: flower, params: {mode: simulation}}"], tmp_path / "r")
     assert result.exit_code == 2, result.output
     assert "pip install 'fedmmkt[flower-simulation]'" in " ".join(result.output.split())
