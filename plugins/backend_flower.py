@@ -597,6 +597,7 @@ def _launch_simulation(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
         env = _child_env(flwr_home)
         env[SIM_TOKEN] = token
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.setdefault("RAY_TMPDIR", tmp)  # Ray's session files go with the temporary directory
         env.setdefault("RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION", str(config.ray_object_store_fraction))
         log_path = Path(tmp) / "superlink.log"
         superlink_command = [
