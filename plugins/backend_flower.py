@@ -12,7 +12,9 @@ stay on the node, in the ClientApp's ``context.state``.
 
 ``fedmmkt run`` submits the run with ``flwr run`` (an app folder written to a temporary directory)
 and waits for it; the ServerApp writes the run directory. :class:`LocalFederation` starts a
-SuperLink and N SuperNodes on 127.0.0.1 (``fedmmkt federation up`` and the tests).
+SuperLink and N SuperNodes on 127.0.0.1 (``fedmmkt federation up`` and the tests). In simulation
+mode ``fedmmkt run`` starts a private ``--simulation`` SuperLink itself (one virtual SuperNode per
+client, on Ray) and ends every process it started when the run is over.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class FlowerConfig(ComponentConfig):
     mode: Literal["deployment", "simulation"] = Field(
         "deployment",
         description="deployment: a running SuperLink and SuperNodes; simulation: Flower's simulation engine "
-        "in this process (needs Ray: pip install 'fedmmkt[flower-simulation]')",
+        "on this machine, one virtual SuperNode per client (needs Ray: pip install 'fedmmkt[flower-simulation]')",
     )
     superlink: str = Field("127.0.0.1:8000", description="deployment: the SuperLink's address host:port")
     insecure: bool = Field(False, description="deployment: plain HTTP to the SuperLink (loopback tests only)")
