@@ -74,6 +74,21 @@ def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch):
     assert processes_with_token(token) == []
 
 
+def test_a_failed_simulation_run_exits_1_with_the_reason_and_leaves_nothing_running(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="the flower-simulation extra is not installed")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    token = uuid.uuid4().hex
+    monkeypatch.setenv(SIM_TOKEN, token)
+    overrides = [*THREE_CLIENTS, "federation.rounds=1", "federation.min_clients=3", "clients.1.fault={type: nan}"]
+    result = run_cli([*overrides, SIMULATION], tmp_path / "simulation")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "run failed: round 1, phase 'fit': only 2 of 3 clients" in text
+    assert "client 2: MessageError: array 'logits' has NaN or infinite values" in text
+    assert processes_with_token(token) == []
+
+
 def test_simulation_without_ray_gives_the_install_hint(tmp_path, monkeypatch):
     import importlib.util
 
