@@ -12,7 +12,9 @@ stay on the node, in the ClientApp's ``context.state``.
 
 ``fedmmkt run`` submits the run with ``flwr run`` (an app folder written to a temporary directory)
 and waits for it; the ServerApp writes the run directory. :class:`LocalFederation` starts a
-SuperLink and N SuperNodes on 127.0.0.1 (``fedmmkt federation up`` and the tests).
+SuperLink and N SuperNodes on 127.0.0.1 (``fedmmkt federation up`` and the tests). In simulation
+mode ``fedmmkt run`` starts a private ``--simulation`` SuperLink itself (one virtual SuperNode per
+client, on Ray) and ends every process it started when the run is over.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class FlowerConfig(ComponentConfig):
     mode: Literal["deployment", "simulation"] = Field(
         "deployment",
         description="deployment: a running SuperLink and SuperNodes; simulation: Flower's simulation engine "
-        "in this process (needs Ray: pip install 'fedmmkt[flower-simulation]')",
+        "on this machine, one virtual SuperNode per client (needs Ray: pip install 'fedmmkt[flower-simulation]')",
     )
     superlink: str = Field("127.0.0.1:8000", description="deployment: the SuperLink's address host:port")
     insecure: bool = Field(False, description="deployment: plain HTTP to the SuperLink (loopback tests only)")
@@ -84,7 +86,19 @@ class FlowerConfig(ComponentConfig):
     )
     poll_seconds: float = Field(0.3, gt=0, description="how often the ServerApp polls the SuperLink for replies")
     max_message_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="largest message accepted from a peer")
-    num_cpus_per_client: float = Field(1.0, gt=0, description="simulation: CPUs Ray reserves per client")
+    num_cpus_per_client: int = Field(
+        1, ge=1, description="simulation: CPUs Ray reserves per client, so at most ray_num_cpus / this run at once"
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="simulation: CPUs Ray may use in all (default: every core of the machine)"
+    )
+    ray_object_store_fraction: float = Field(
+        0.05,
+        gt=0,
+        le=0.8,
+        description="simulation: share of RAM for Ray's object store (Ray's default is 0.3; messages "
+        "go through the SuperLink, not the object store)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -457,46 +471,68 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach SuperLink at {address}: {exc}") from None
 
 
-def _launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
+def _run_config(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
+    """The run config the ServerApp and ClientApps read (both modes); refuses a directory holding a run."""
     from fedmmkt_core.recipe import dump_yaml
-    from fedmmkt_core.runner import RunFailed
 
     recipe = runner.recipe
     out = runner.run_dir.root.resolve()
     if runner.run_dir.metrics_path.exists():
         raise UserError(f"{out} already holds a run; pass --out for a new directory")
     (out / STATUS_FILE).unlink(missing_ok=True)
-    run_config = {
+    return {
         "recipe": _b64(dump_yaml(recipe.resolved())),
         "client-recipe": _b64(client_recipe_text(recipe)),
         "base-dir": str(recipe.base_dir.resolve()),
         "out-dir": str(out),
         "max-message-bytes": config.max_message_bytes,
     }
+
+
+def _write_app(tmp: Path, run_config: dict[str, Any]) -> Path:
+    app_dir = tmp / "app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(_app_pyproject(run_config), encoding="utf-8")
+    return app_dir
+
+
+def _write_flwr_home(flwr_home: Path, connection: str, conn: list[str]) -> None:
+    flwr_home.mkdir()
+    text = f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n' + "\n".join(conn) + "\n"
+    (flwr_home / "config.toml").write_text(text, encoding="utf-8")
+
+
+def _launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
+    run_config = _run_config(config, runner)
     with tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-") as tmp:
-        app_dir = Path(tmp) / "app"
-        app_dir.mkdir()
-        (app_dir / "pyproject.toml").write_text(_app_pyproject(run_config), encoding="utf-8")
+        app_dir = _write_app(Path(tmp), run_config)
         if config.connection is not None:
             flwr_home, connection = None, config.connection
         else:
             check_reachable(config.superlink)
             flwr_home, connection = Path(tmp) / "flwr-home", "fedmmkt"
-            flwr_home.mkdir()
             conn = [f'address = "{config.superlink}"', f"insecure = {'true' if config.insecure else 'false'}"]
             if config.root_certificates is not None:
                 conn.append(f"root-certificates = {json.dumps(str(config.root_certificates))}")
-            text = f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n' + "\n".join(conn) + "\n"
-            (flwr_home / "config.toml").write_text(text, encoding="utf-8")
+            _write_flwr_home(flwr_home, connection, conn)
         env = _child_env(flwr_home)
         command = [_flwr_exe(), "run", str(app_dir), connection, "--stream"]
         run_id, tail = _stream(command, env)
-    status_path = out / STATUS_FILE
+    where = config.connection or config.superlink
+    return _result(runner, run_id, tail, f"flwr run could not start the run on {where}", "see `flwr log RUN_ID`")
+
+
+def _result(runner: Runner, run_id: int | None, tail: list[str], not_started: str, hint: str) -> dict[str, Any]:
+    """Read the ServerApp's status file: the run's summary, or the failure as UserError / RunFailed."""
+    from fedmmkt_core.runner import RunFailed
+
+    status_path = runner.run_dir.root.resolve() / STATUS_FILE
     if not status_path.exists():
         detail = "\n".join(tail[-15:])
         if run_id is None:
-            raise UserError(f"flwr run could not start the run on {config.connection or config.superlink}:\n{detail}")
-        raise RunFailed(f"Flower run {run_id} ended without a result (see `flwr log {run_id}`):\n{detail}")
+            raise UserError(f"{not_started}:\n{detail}")
+        hint = hint.replace("RUN_ID", str(run_id))
+        raise RunFailed(f"Flower run {run_id} ended without a result ({hint}):\n{detail}")
     status = json.loads(status_path.read_text(encoding="utf-8"))
     if status["status"] != "finished":
         if status.get("error") in ("UserError", "RecipeError", "MissingDependencyError", "DataError", "PluginError"):
@@ -532,14 +568,113 @@ def _stream(command: list[str], env: dict[str, str]) -> tuple[int | None, list[s
     return run_id, tail
 
 
+SIM_TOKEN = "FEDMMKT_SIMULATION_TOKEN"  # set in the environment of every process a simulation starts
+
+
 def _launch_simulation(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
+    """Run the recipe on Flower's simulation engine: a private SuperLink started with ``--simulation``
+    on a free loopback port, ``flwr run`` with one virtual SuperNode per client, every process
+    (SuperLink, flwr-simulation, Ray) ended when the run is over, whatever happened."""
     import importlib.util
+    import uuid
 
     if importlib.util.find_spec("ray") is None:
         raise MissingDependencyError(
             "ray", "Flower's simulation engine needs Ray: pip install 'fedmmkt[flower-simulation]'"
         )
-    raise UserError("mode: simulation is not implemented yet; use mode: deployment")
+    run_config = _run_config(config, runner)
+    federation_config = {
+        "num-supernodes": runner.recipe.num_clients,
+        "client-resources-num-cpus": config.num_cpus_per_client,
+        "client-resources-num-gpus": 0.0,
+        "backend": "ray",
+    }
+    if config.ray_num_cpus is not None:
+        federation_config["init-args-num-cpus"] = config.ray_num_cpus
+    token = os.environ.get(SIM_TOKEN) or uuid.uuid4().hex  # a test may set it to find the processes
+    with tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-sim-") as tmp:
+        app_dir = _write_app(Path(tmp), run_config)
+        flwr_home, connection, port = Path(tmp) / "flwr-home", "fedmmkt-simulation", free_port()
+        _write_flwr_home(flwr_home, connection, [f'address = "127.0.0.1:{port}"', "insecure = true"])
+        env = _child_env(flwr_home)
+        env[SIM_TOKEN] = token
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.setdefault("RAY_TMPDIR", tmp)  # Ray's session files go with the temporary directory
+        env.setdefault("RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION", str(config.ray_object_store_fraction))
+        log_path = Path(tmp) / "superlink.log"
+        superlink_command = [
+            _flwr_exe("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+        ]
+        with open(log_path, "ab") as log_file:
+            superlink = subprocess.Popen(
+                superlink_command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        try:
+            _wait_listening(superlink, "127.0.0.1", port, 60.0, log_path)
+            federation = " ".join(f"{key}={json.dumps(value)}" for key, value in federation_config.items())
+            command = [_flwr_exe(), "run", str(app_dir), connection, "--stream", "--federation-config", federation]
+            run_id, tail = _stream(command, env)
+        finally:
+            _stop_all(superlink, token)
+        if run_id is None or not (runner.run_dir.root / STATUS_FILE).exists():
+            tail = tail + log_path.read_text(errors="replace").splitlines()[-15:]
+    return _result(runner, run_id, tail, "Flower's simulation engine could not start the run", "see the log above")
+
+
+def _wait_listening(proc: subprocess.Popen, host: str, port: int, wait_seconds: float, log_path: Path) -> None:
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = log_path.read_text(errors="replace")[-2000:]
+            raise UserError(f"flower-superlink exited with code {proc.returncode}:\n{text}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise UserError(f"flower-superlink did not listen on {host}:{port} within {wait_seconds:g} s")
+
+
+def processes_with_token(token: str) -> list[int]:
+    """PIDs of this user's processes whose environment carries ``FEDMMKT_SIMULATION_TOKEN=token``:
+    everything a simulation started, even processes that left its session or were re-parented."""
+    marker = f"{SIM_TOKEN}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _stop_all(superlink: subprocess.Popen, token: str, grace: float = 10.0) -> None:
+    """End the SuperLink's group, then SIGTERM / SIGKILL whatever else carries the token."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(superlink.pid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in processes_with_token(token):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (superlink.poll() is None or processes_with_token(token)):
+            time.sleep(0.1)
+        if superlink.poll() is not None and not processes_with_token(token):
+            break
+    superlink.wait()
 
 
 # ---------------------------------------------------------------------------------------------- local federation
