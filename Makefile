@@ -22,7 +22,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/fedmmkt run $(DEMO_RECIPE) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12
 	$(BIN)/ruff check .
 
 lint: $(STAMP)
