@@ -74,6 +74,7 @@ def main() -> None:
     command = (
         f"python -m benchmarks.privacy --recipe {args.recipe} --noise {' '.join(f'{z:g}' for z in args.noise)} "
         f"--clip {args.clip:g} --seeds {' '.join(map(str, args.seeds))}"
+        + (" --skip-baseline" if args.skip_baseline else "")
     ) + "".join(f" --set {o}" for o in args.overrides)
     payload = {
         "commands": [*earlier.get("commands", []), command],
