@@ -146,7 +146,7 @@ class Aggregator(Component):
     """
 
     kind = "aggregator"
-    excluded: list[int] = []
+    excluded: Sequence[int] = ()
 
     @abstractmethod
     def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:

@@ -65,7 +65,8 @@ class KDAggregator(Aggregator):
         probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
         cfg = self.config
         self.excluded = []
-        voters = self._class_holders(replies, probs.shape[-1]) if cfg.weighting == "class_aware" else None
+        class_aware = cfg.weighting == "class_aware" and cfg.robust != "none"
+        voters = self._class_holders(replies, probs.shape[-1]) if class_aware else None
         if cfg.robust in ("median", "trimmed_mean"):
             q = _robust_mean(probs, voters, cfg.robust, cfg.trim_fraction)
         else:

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedmmkt_cli.main import app
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 from test_fedmmkt import RECIPE
+from test_imagefolder import write_folder
 from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import parse_recipe
 from fedmmkt_core.runner import Runner
-from fedmmkt_core.testing import digits_sample
 
 cli = CliRunner()
 
@@ -33,16 +32,6 @@ def local_recipe(tmp_path: Path, dataset: str = "{name: digits}", clients: int =
     path = tmp_path / "recipe.yaml"
     path.write_text(LOCAL.replace("DATASET", dataset).replace("CLIENTS", str(clients)))
     return path
-
-
-def image_folder(root: Path, classes: int = 3, per_class: int = 8) -> Path:
-    data, _ = digits_sample(400)
-    for label in range(classes):
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True)
-        for i, image in enumerate(data.images[data.labels == label][:per_class]):
-            Image.fromarray(image[..., 0]).save(folder / f"{i:03d}.png")
-    return root
 
 
 def run_cli(*args: str):
@@ -79,7 +68,7 @@ def test_malformed_recipe(tmp_path):
     ],
 )
 def test_broken_image_folder_is_named(tmp_path, damage, fragments):
-    root = image_folder(tmp_path / "images", classes=1 if damage == "one_class" else 3)
+    root = write_folder(tmp_path / "images", classes=1 if damage == "one_class" else 3)
     if damage == "corrupt_image":
         (root / "class_2" / "bad.png").write_bytes(b"\x89PNG but not really")
     if damage == "empty_class":
