@@ -1,0 +1,227 @@
+"""Cost of a FedMMKT round: time per phase, toolkit overhead, generation throughput, bytes.
+
+    python -m benchmarks cost [--rounds 3] [--repeats 3] [--threads N]
+
+* **Overhead ratio** = a round's wall time (round start to checkpoint written) ÷ the time spent inside
+  the model calls it makes, each timed directly around the call: client ``fit`` / ``predict_logits``,
+  generator ``generate`` / ``fine_tune``, the oracle's ``predict`` / ``features`` and the Fréchet
+  distance. Everything else (messages encoded and decoded, clients built and their weights loaded
+  and saved, validation, aggregation, checkpoints, metrics, sample grids) is the toolkit's overhead.
+* **Generation ratio** = images/s through ``generator.generate`` ÷ images/s calling the same
+  diffusers pipeline directly with the same prompts, seeds, steps, guidance, size and batch size.
+* **Bytes** per client per round up and down, from the run's metrics.
+
+Runs the demo recipe (``examples/digits.yaml``, seed 0, heterogeneous clients) and writes
+``benchmarks/results/cost-digits.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+
+RECIPE = Path("examples/digits.yaml")
+RESULT_FILE = RESULTS / "cost-digits.json"
+
+
+class ComputeTimer:
+    """Wraps model calls with a timer; nested timed calls count once (the outermost)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._local = threading.local()
+        self._patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        timer = self
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            depth = getattr(timer._local, "depth", 0)
+            if depth:
+                return original(*args, **kwargs)
+            timer._local.depth = 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer._local.depth = 0
+                timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - start
+                timer.calls[label] = timer.calls.get(label, 0) + 1
+
+        self._patched.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def take(self) -> tuple[dict[str, float], dict[str, int]]:
+        seconds, calls = self.seconds, self.calls
+        self.seconds, self.calls = {}, {}
+        return seconds, calls
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+
+def instrument() -> ComputeTimer:
+    from fedmmkt_plugins import generator_sd_lora, oracle, torch_classifier
+
+    timer = ComputeTimer()
+    timer.wrap(torch_classifier.TorchClassifier, "fit", "client_fit")
+    timer.wrap(torch_classifier.TorchClassifier, "predict_logits", "client_predict")
+    timer.wrap(generator_sd_lora.SDLoraGenerator, "generate", "generator_generate")
+    timer.wrap(generator_sd_lora.SDLoraGenerator, "fine_tune", "generator_fine_tune")
+    timer.wrap(oracle.EvaluationOracle, "predict", "oracle_predict")
+    timer.wrap(oracle.EvaluationOracle, "features", "oracle_features")
+    timer.wrap(oracle, "frechet_distance", "frechet_distance")
+    return timer
+
+
+def measure_overhead(rounds: int, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """One instrumented run of the demo recipe; per round: wall, compute inside it, phases, bytes."""
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import Runner
+
+    recipe = load_recipe(RECIPE, [f"federation.rounds={rounds}", "loggers=[]", *overrides])
+    shutil.rmtree(out, ignore_errors=True)
+    timer = instrument()
+    started: dict[int, float] = {}
+    per_round: list[dict[str, Any]] = []
+
+    def events(kind: str, **data: Any) -> None:
+        if kind == "run_start":
+            timer.take()  # set-up (generator build, oracle) is not part of a round
+        elif kind == "round_start":
+            started[data["round"]] = time.perf_counter()
+        elif kind == "round_end":
+            wall = time.perf_counter() - started[data["round"]]
+            seconds, calls = timer.take()
+            row = data["metrics"]
+            compute = sum(seconds.values())
+            per_round.append(
+                {
+                    "round": data["round"],
+                    "wall_seconds": wall,
+                    "compute_seconds": compute,
+                    "overhead_ratio": wall / compute,
+                    "compute_by_call": seconds,
+                    "calls": calls,
+                    "phase_seconds": {k[len("seconds_") :]: v for k, v in row.items() if k.startswith("seconds_")},
+                    "bytes_up_per_client": row["bytes_up_per_client"],
+                    "bytes_down_per_client": row["bytes_down_per_client"],
+                }
+            )
+            print(f"  round {data['round']}: wall {wall:.2f} s, compute {compute:.2f} s, ratio {wall / compute:.3f}")
+
+    try:
+        Runner(recipe, out, events=events).run()
+    finally:
+        timer.restore()
+    ratios = [r["overhead_ratio"] for r in per_round]
+    return {"rounds": per_round, "overhead_ratio": spread(ratios)}
+
+
+def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[str, Any]:
+    """Images/s through the toolkit's generator vs the same diffusers pipeline called directly."""
+    import torch
+
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import cache_dir, load_data
+    from fedmmkt_core.seeding import derive_seed
+
+    recipe = load_recipe(RECIPE, ["loggers=[]", *overrides])
+    splits, _ = load_data(recipe)
+    generator = recipe.build("generator", recipe.generator)
+    task = splits.task
+    generator.build(task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache_dir(), public=splits.public)
+    cfg = generator.config
+    prompts = [task.prompt(j % task.num_classes) for j in range(count)]
+    seeds = list(range(count))
+    pipe = generator.pipe
+
+    def toolkit() -> None:
+        generator.generate(prompts, seeds)
+
+    def direct() -> None:
+        batch = cfg.generation_batch_size
+        for start in range(0, count, batch):
+            with torch.no_grad():
+                pipe(
+                    prompts[start : start + batch],
+                    num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds[start : start + batch]],
+                    height=generator.resolution,
+                    width=generator.resolution,
+                    output_type="pt",
+                )
+
+    toolkit()  # warm-up: first calls allocate and fill caches
+    direct()
+    rates: dict[str, list[float]] = {"toolkit": [], "direct": []}
+    for repeat in range(repeats):
+        for name, call in (("toolkit", toolkit), ("direct", direct)) if repeat % 2 == 0 else (
+            ("direct", direct), ("toolkit", toolkit)):  # fmt: skip
+            start = time.perf_counter()
+            call()
+            rates[name].append(count / (time.perf_counter() - start))
+    ratios = [t / d for t, d in zip(rates["toolkit"], rates["direct"], strict=True)]
+    print(
+        f"  generation: toolkit {spread(rates['toolkit'])['median']:.1f} img/s, "
+        f"direct {spread(rates['direct'])['median']:.1f} img/s, ratio {spread(ratios)['median']:.3f}"
+    )
+    return {
+        "images": count,
+        "batch_size": cfg.generation_batch_size,
+        "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale,
+        "images_per_second_toolkit": spread(rates["toolkit"]),
+        "images_per_second_direct": spread(rates["direct"]),
+        "ratio": spread(ratios),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the generation comparison")
+    parser.add_argument("--images", type=int, default=500, help="images per generation repeat")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-cost"))
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    print(f"overhead: {args.rounds} rounds of {RECIPE} ...", flush=True)
+    overhead = measure_overhead(args.rounds, args.out, args.overrides)
+    print(f"generation: {args.repeats} × {args.images} images each way ...", flush=True)
+    generation = measure_generation(args.repeats, args.images, args.overrides)
+    command = f"python -m benchmarks cost --rounds {args.rounds} --repeats {args.repeats} --images {args.images}"
+    command += f" --threads {args.threads}" if args.threads else ""
+    command += "".join(f" --set {o}" for o in args.overrides)
+    result = {
+        "command": command,
+        "recipe": str(RECIPE),
+        "overrides": args.overrides,
+        "torch_threads": threads,
+        "machine": machine(),
+        "overhead": overhead,
+        "generation": generation,
+    }
+    atomic_write_json(RESULT_FILE, result)
+    print(json.dumps({"overhead_ratio": overhead["overhead_ratio"], "generation_ratio": generation["ratio"]}, indent=1))
+    print(f"wrote {RESULT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Quality matrix: every algorithm × client set × Dirichlet α × seed on digits.
+
+    python -m benchmarks quality [--rounds 5] [--seeds 0 1 2] [--alphas 0.1 0.5] [--client-sets ...]
+
+One run per cell, through the toolkit's ``Runner`` on ``examples/digits.yaml``. Every finished run is
+written to ``benchmarks/results/quality-digits.json`` at once, so a killed benchmark continues where it
+stopped when started again with the same settings (``--fresh`` starts over). The table gives mean ± std
+over seeds of the last round's client mean accuracy, client min accuracy and generator CAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+
+RECIPE = Path("examples/digits.yaml")
+RESNET = {
+    "name": "resnet",
+    "params": {"epochs": 20, "batch_size": 32, "lr": 0.003, "embedding_size": 32, "hidden_sizes": [32, 64], "depths": [1, 1]},
+}
+VIT = {
+    "name": "vit",
+    "params": {
+        "epochs": 20, "batch_size": 32, "lr": 0.003, "patch_size": 2, "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    },
+}  # fmt: skip
+CLIENT_SETS: dict[str, list[dict[str, Any]]] = {
+    "heterogeneous": [{**RESNET, "count": 3}, {**VIT, "count": 3}],  # the demo's 3 ResNets + 3 ViTs
+    "homogeneous": [{**RESNET, "count": 6}],
+}
+ALGORITHMS = ["local", "fedavg", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"]
+GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"}
+METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+RESULT_FILE = RESULTS / "quality-digits.json"
+
+
+def valid(algorithm: str, client_set: str) -> bool:
+    """FedAvg averages weights, so it needs one architecture for every client."""
+    return algorithm != "fedavg" or client_set == "homogeneous"
+
+
+def overrides_for(client_set: str, alpha: float, seed: int, algorithm: str, rounds: int) -> list[str]:
+    from fedmmkt_core.recipe import load_recipe
+
+    params = load_recipe(RECIPE).algorithm.params if algorithm in GENERATOR_ALGORITHMS else {}
+    return [
+        f"seed={seed}",
+        f"federation.rounds={rounds}",
+        f"data.partitioner.params.alpha={alpha}",
+        f"clients={json.dumps(CLIENT_SETS[client_set])}",
+        f"algorithm={json.dumps({'name': algorithm, 'params': params})}",
+        "loggers=[]",
+    ]
+
+
+def run_cell(client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, out: Path) -> dict[str, Any]:
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import Runner
+
+    overrides = overrides_for(client_set, alpha, seed, algorithm, rounds)
+    recipe = load_recipe(RECIPE, overrides)
+    run_dir = out / f"{client_set}-a{alpha}-s{seed}-{algorithm}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    summary = Runner(recipe, run_dir).run()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    phases = sorted({k for row in rows for k in row if k.startswith("seconds_")})
+    return {
+        "client_set": client_set,
+        "alpha": alpha,
+        "seed": seed,
+        "algorithm": algorithm,
+        "overrides": overrides,
+        "process_seconds": time.perf_counter() - start,
+        **{k: summary[k] for k in (*METRICS, "bytes_up_per_client_round", "bytes_down_per_client_round") if k in summary},
+        "accuracy_by_round": [row.get("client_accuracy_mean") for row in rows],
+        "seconds_per_round": {p[len("seconds_") :]: [row.get(p, 0.0) for row in rows] for p in phases},
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (client set, α, algorithm): mean ± std over seeds of each metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["client_set"], run["alpha"], run["algorithm"]), []).append(run)
+    order = {a: i for i, a in enumerate(ALGORITHMS)}
+    table = []
+    for (client_set, alpha, algorithm), members in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))
+    ):
+        row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "algorithm": algorithm,
+                               "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
+        for key in (*METRICS, "bytes_up_per_client_round", "process_seconds"):
+            values = [m[key] for m in members if key in m]
+            if values:
+                row[key] = spread(values)
+        table.append(row)
+    return table
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]['mean']:.3f}±{row[key]['std']:.3f}" if key in row else "-"
+
+    print(f"{'clients':14} {'α':>4} {'algorithm':26} {'acc mean':>12} {'acc min':>12} {'CAS':>12} {'seeds':>6}")
+    for row in table:
+        print(
+            f"{row['client_set']:14} {row['alpha']:>4} {row['algorithm']:26} {cell(row, 'client_accuracy_mean'):>12} "
+            f"{cell(row, 'client_accuracy_min'):>12} {cell(row, 'generator_cas'):>12} {len(row['seeds']):>6}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
+    parser.add_argument("--client-sets", nargs="+", default=list(CLIENT_SETS), choices=list(CLIENT_SETS))
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+
+    setting = {"recipe": str(RECIPE), "rounds": args.rounds, "torch_threads": threads}
+    previous = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() and not args.fresh else {}
+    runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
+    cells = [
+        (client_set, alpha, seed, algorithm)
+        for client_set in args.client_sets
+        for alpha in args.alphas
+        for seed in args.seeds
+        for algorithm in args.algorithms
+        if valid(algorithm, client_set)
+    ]
+    command = "python -m benchmarks quality " + " ".join(
+        [f"--rounds {args.rounds}", "--seeds", *map(str, args.seeds), "--alphas", *map(str, args.alphas)]
+        + (["--threads", str(args.threads)] if args.threads else [])
+    )
+
+    def save() -> None:
+        atomic_write_json(RESULT_FILE, {
+            "setting": setting, "command": command, "machine": machine(), "runs": runs, "table": summarize(runs),
+        })  # fmt: skip
+
+    todo = [c for c in cells if c not in done]
+    print(f"{len(cells)} cells, {len(cells) - len(todo)} already measured, {len(todo)} to run", flush=True)
+    for index, (client_set, alpha, seed, algorithm) in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {client_set} α={alpha} seed={seed} {algorithm} ...", flush=True)
+        result = run_cell(client_set, alpha, seed, algorithm, args.rounds, args.out)
+        print(
+            f"    acc {result.get('client_accuracy_mean', float('nan')):.3f}  CAS {result.get('generator_cas', '-')}"
+            f"  {result['process_seconds']:.0f} s",
+            flush=True,
+        )
+        runs.append(result)
+        save()
+    save()
+    print_table(summarize(runs))
+    print(f"wrote {RESULT_FILE}")
+
+
+if __name__ == "__main__":
+    main()
