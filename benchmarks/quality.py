@@ -21,7 +21,14 @@ from .common import RESULTS, atomic_write_json, machine, set_threads, spread
 RECIPE = Path("examples/digits.yaml")
 RESNET = {
     "name": "resnet",
-    "params": {"epochs": 20, "batch_size": 32, "lr": 0.003, "embedding_size": 32, "hidden_sizes": [32, 64], "depths": [1, 1]},
+    "params": {
+        "epochs": 20,
+        "batch_size": 32,
+        "lr": 0.003,
+        "embedding_size": 32,
+        "hidden_sizes": [32, 64],
+        "depths": [1, 1],
+    },
 }
 VIT = {
     "name": "vit",
@@ -37,6 +44,7 @@ CLIENT_SETS: dict[str, list[dict[str, Any]]] = {
 ALGORITHMS = ["local", "fedavg", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"]
 GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"}
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
 
 
@@ -81,7 +89,7 @@ def run_cell(client_set: str, alpha: float, seed: int, algorithm: str, rounds: i
         "algorithm": algorithm,
         "overrides": overrides,
         "process_seconds": time.perf_counter() - start,
-        **{k: summary[k] for k in (*METRICS, "bytes_up_per_client_round", "bytes_down_per_client_round") if k in summary},
+        **{k: summary[k] for k in (*METRICS, *BYTES) if k in summary},
         "accuracy_by_round": [row.get("client_accuracy_mean") for row in rows],
         "seconds_per_round": {p[len("seconds_") :]: [row.get(p, 0.0) for row in rows] for p in phases},
     }
@@ -99,7 +107,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "algorithm": algorithm,
                                "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
-        for key in (*METRICS, "bytes_up_per_client_round", "process_seconds"):
+        for key in (*METRICS, *BYTES, "process_seconds"):
             values = [m[key] for m in members if key in m]
             if values:
                 row[key] = spread(values)
