@@ -8,6 +8,7 @@ import sys
 BENCHMARKS = {
     "quality": "benchmarks.quality",
     "cost": "benchmarks.cost",
+    "scale": "benchmarks.scale",
 }
 
 

@@ -174,3 +174,20 @@ def test_packaged_minilm_text_encoder_conditions_the_tiny_pipeline():
     again, _ = built(tiny={"text_encoder": "minilm", "max_prompt_tokens": 12})
     assert again.cache_hit
     np.testing.assert_array_equal(again.generate([task.prompt(1), task.prompt(2)], [0, 1]), images)
+
+
+def test_generation_merges_the_adapter_and_restores_the_exact_base_weights():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    generator, task = built()
+    prompts, seeds = trained(generator, task)
+    layers = [m for m in generator.pipe.unet.modules() if isinstance(m, BaseTunerLayer)]
+    before = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    merged = generator.generate(prompts, seeds)
+    for layer, weight in zip(layers, before, strict=True):
+        assert not layer.merged
+        assert torch.equal(layer.get_base_layer().weight, weight)
+    with torch.no_grad():  # the unmerged path, as peft computes it
+        unmerged = np.concatenate([generator._generate_batch(prompts, seeds)])
+    assert np.abs(merged.astype(int) - unmerged).max() <= 1  # float rounding only
+    assert (merged == unmerged).mean() > 0.99
