@@ -1,4 +1,9 @@
-"""``python -m benchmarks <name> [options]``: run one benchmark, or ``all`` of them, then the README table."""
+"""``python -m benchmarks NAME [options]``: run one benchmark; ``all`` runs every one, then ``readme``.
+
+Benchmarks print their figures and write ``benchmarks/results/<name>-digits.json``; ``readme``
+rewrites the README's results section from those files. ``python -m benchmarks NAME --help`` for
+a benchmark's options.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,21 @@ BENCHMARKS = {
     "quality": "benchmarks.quality",
     "cost": "benchmarks.cost",
     "scale": "benchmarks.scale",
+    "profile": "benchmarks.profile",
+    "flower": "benchmarks.flower",
+    "readme": "benchmarks.readme",
 }
+ALL = ["cost", "profile", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*BENCHMARKS, "all"):
         print(__doc__)
-        print("benchmarks: " + ", ".join(BENCHMARKS))
+        print("benchmarks: " + ", ".join([*BENCHMARKS, "all"]))
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    for name in ALL if argv[0] == "all" else [argv[0]]:
+        print(f"== {name}", flush=True)
+        importlib.import_module(BENCHMARKS[name]).main(argv[1:] if argv[0] != "all" else [])
 
 
 if __name__ == "__main__":

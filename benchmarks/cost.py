@@ -9,6 +9,9 @@
   and saved, validation, aggregation, checkpoints, metrics, sample grids) is the toolkit's overhead.
 * **Generation ratio** = images/s through ``generator.generate`` ÷ images/s calling the same
   diffusers pipeline directly with the same prompts, seeds, steps, guidance, size and batch size.
+* **Client fit, plugin ÷ plain PyTorch**: ``TorchClassifier.fit`` (the ResNet and ViT plugins' local
+  update) against a bare loop doing the same optimiser steps on the same network with tensors made
+  up front: what the model calls above leave out of the toolkit's account.
 * **Bytes** per client per round up and down, from the run's metrics.
 
 Runs the demo recipe (``examples/digits.yaml``, seed 0, heterogeneous clients) and writes
@@ -191,6 +194,76 @@ def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[s
     }
 
 
+def measure_client_fit(repeats: int, overrides: list[str]) -> dict[str, Any]:
+    """One ResNet and one ViT client of the demo: the plugin's fit vs the same steps in a bare loop."""
+    import numpy as np
+
+    from fedmmkt_core.data import DistillSet
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import load_data
+
+    recipe = load_recipe(RECIPE, ["loggers=[]", *overrides])
+    splits, partitions = load_data(recipe)
+    rng = np.random.default_rng(0)
+    distill_images = splits.public.images[rng.choice(len(splits.public), 500)]
+    soft = rng.dirichlet(np.ones(splits.task.num_classes), 500).astype(np.float32)
+    distill = DistillSet(distill_images, soft, weight=1.0, temperature=1.0)
+    groups = recipe.client_groups()
+    results = {}
+    for name in ("resnet", "vit"):
+        client_id = next(i for i, g in enumerate(groups) if g.name == name)
+        model = recipe.build("client_model", groups[client_id])
+        model.build(splits.task, seed=0)
+        results[name] = compare_fit(model, splits.train.subset(partitions[client_id]), distill, repeats)
+        print(f"  client fit {name}: plugin / bare loop {results[name]['ratio']['median']:.3f}")
+    return results
+
+
+def compare_fit(model: Any, train: Any, distill: Any, repeats: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    cfg = model.config
+    x, y = model._tensor(train.images), torch.from_numpy(train.labels)
+    dx, dy = model._tensor(distill.images), torch.from_numpy(distill.soft_labels)
+
+    def plugin() -> None:
+        model.fit(train, distill, seed=1)
+
+    def bare() -> None:
+        net = model.net
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        net.train()
+        n, m, b = len(x), len(dx), cfg.batch_size
+        for _ in range(cfg.epochs):
+            order, distill_order = torch.randperm(n), torch.randperm(m)
+            for step in range(max(1, (n + b - 1) // b)):
+                idx = order[step * b : (step + 1) * b]
+                didx = distill_order[(step * b) % m : (step * b) % m + b]
+                loss = F.cross_entropy(net(x[idx]), y[idx])
+                loss = loss + F.kl_div(F.log_softmax(net(dx[didx]), dim=1), dy[didx], reduction="batchmean")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+    plugin(), bare()  # warm-up
+    times: dict[str, list[float]] = {"plugin": [], "bare": []}
+    for repeat in range(repeats):
+        for label, call in (("plugin", plugin), ("bare", bare)) if repeat % 2 == 0 else (
+            ("bare", bare), ("plugin", plugin)):  # fmt: skip
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    ratios = [p / b for p, b in zip(times["plugin"], times["bare"], strict=True)]
+    return {
+        "samples": len(train),
+        "epochs": cfg.epochs,
+        "plugin_seconds": spread(times["plugin"]),
+        "bare_seconds": spread(times["bare"]),
+        "ratio": spread(ratios),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -206,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     overhead = measure_overhead(args.rounds, args.out, args.overrides)
     print(f"generation: {args.repeats} × {args.images} images each way ...", flush=True)
     generation = measure_generation(args.repeats, args.images, args.overrides)
+    print(f"client fit: {args.repeats} repeats each way ...", flush=True)
+    client_fit = measure_client_fit(args.repeats, args.overrides)
     command = f"python -m benchmarks cost --rounds {args.rounds} --repeats {args.repeats} --images {args.images}"
     command += f" --threads {args.threads}" if args.threads else ""
     command += "".join(f" --set {o}" for o in args.overrides)
@@ -217,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "overhead": overhead,
         "generation": generation,
+        "client_fit": client_fit,
     }
     atomic_write_json(RESULT_FILE, result)
     print(json.dumps({"overhead_ratio": overhead["overhead_ratio"], "generation_ratio": generation["ratio"]}, indent=1))

@@ -63,3 +63,23 @@ def test_one_recipe_mixes_architectures(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sorted(rows[-1]["client_accuracy"]) == ["0", "1", "2", "3"]
     assert rows[-1]["failures"] == []
+
+
+def test_fit_converting_the_whole_set_once_equals_converting_batch_by_batch(monkeypatch):
+    from fedmmkt_plugins import torch_classifier
+
+    from fedmmkt_core.data import DistillSet
+
+    data, task = digits_sample(70)
+    rng = np.random.default_rng(0)
+    distill = DistillSet(data.images[:40], rng.dirichlet(np.ones(10), 40).astype(np.float32), 1.0, 2.0)
+    weights = []
+    for budget in (torch_classifier.WHOLE_SET_FLOAT_BYTES, 0):  # 0: every set converted per batch
+        monkeypatch.setattr(torch_classifier, "WHOLE_SET_FLOAT_BYTES", budget)
+        client = ResNetClient(ResNetClientConfig.model_validate({"epochs": 2, "batch_size": 16}))
+        client.build(task, seed=0)
+        client.fit(data, distill, seed=3)
+        weights.append(client.get_weights())
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        np.testing.assert_array_equal(weights[0][key], weights[1][key])
