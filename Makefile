@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create the environment (idempotent) and run the main job
 #   make test   - create the environment (idempotent) and run the tests
+#   make bench  - every benchmark (hours on 2 cores), then the README's results section
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RECIPE ?= examples/digits.yaml
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12
 	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks all
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

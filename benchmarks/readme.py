@@ -178,36 +178,46 @@ def scale_section(scale: dict[str, Any] | None) -> list[str]:
     lazy, resident, synthetic = scale["clients"], scale["clients_all_resident"], scale["synthetic_set"]
     lines += [
         f"`{scale['command']}` → `benchmarks/results/scale-digits.json` ({machine_line(scale)}). FedMMKT on "
-        "digits, in-process backend, homogeneous ResNet clients on an IID split, 2 rounds, each point in its "
-        "own process (peak resident memory of that process, torch and the generator included). Round time is "
-        "round 2's (clients distil on round 1's set).",
+        "digits, in-process backend, homogeneous ResNet clients on an IID split (the 1,1xx training digits "
+        "shared out, so more clients means less data each), 3 rounds, 500 synthetic pairs, every point in its "
+        "own process. Round time: mean of rounds 2–3 (clients distil from round 2 on); clients' phases = fit + "
+        "evaluate + aggregate. Memory: the process's resident memory after each round (largest) and its peak "
+        "(`ru_maxrss`), torch, data and generator included.",
         "",
-        "| clients | round time, one client built at a time | peak memory | round time, all clients kept built "
-        "| peak memory |",
-        "| --- | --- | --- | --- | --- |",
+        "| clients | kept built | round time | clients' phases | memory after a round | peak memory |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    by_n = {p["clients"]: p for p in resident["points"]}
-    for p in lazy["points"]:
-        q = by_n.get(p["clients"])
-        other = f"{q['last_round_seconds']:.1f} s | {q['peak_rss_mib']:.0f} MiB" if q else "– | –"
-        lines.append(f"| {p['clients']} | {p['last_round_seconds']:.1f} s | {p['peak_rss_mib']:.0f} MiB | {other} |")
+    for label, sweep in (("one at a time", lazy), ("all", resident)):
+        for p in sweep["points"]:
+            lines.append(
+                f"| {p['clients']} | {label} | {p['round_seconds']:.1f} s | {p['client_phase_seconds']:.1f} s | "
+                f"{p['rss_after_round_mib']:.0f} MiB | {p['peak_rss_mib']:.0f} MiB |"
+            )
+    lines += ["", "Slopes (least squares) per extra client:", ""]
+    lines += ["| clients kept built | round time | clients' phases | memory after a round | peak memory |"]
+    lines += ["| --- | --- | --- | --- | --- |"]
+    for label, sweep in (("one at a time (default)", lazy), ("all", resident)):
+        sl = sweep["slopes"]
+        lines.append(
+            f"| {label} | {sl['round_seconds']:+.3f} s | {sl['client_phase_seconds']:+.3f} s | "
+            f"{sl['rss_after_round_mib']:+.2f} MiB | {sl['peak_rss_mib']:+.2f} MiB |"
+        )
     lines += [
         "",
-        f"Slopes (least squares): one at a time **{lazy['seconds_per_unit']:.3f} s and "
-        f"{lazy['mib_per_unit']:.2f} MiB per extra client**; all kept built {resident['seconds_per_unit']:.3f} s "
-        f"and {resident['mib_per_unit']:.2f} MiB per extra client.",
-        "",
-        "| synthetic pairs per round (5 clients) | round time | peak memory |",
-        "| --- | --- | --- |",
+        "| synthetic pairs per round (5 clients) | round time | clients' phases | memory after a round | peak memory |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for p in synthetic["points"]:
         lines.append(
-            f"| {p['samples_per_class'] * 10} | {p['last_round_seconds']:.1f} s | {p['peak_rss_mib']:.0f} MiB |"
+            f"| {p['samples_per_class'] * 10} | {p['round_seconds']:.1f} s | {p['client_phase_seconds']:.1f} s | "
+            f"{p['rss_after_round_mib']:.0f} MiB | {p['peak_rss_mib']:.0f} MiB |"
         )
-    lines += [  # the sweep's unit is samples per class: 10 images for the 10 digits
+    sl = synthetic["slopes"]  # the sweep's unit is samples per class: 10 images for the 10 digits
+    lines += [
         "",
-        f"Slope: **{synthetic['seconds_per_unit'] * 100:.1f} s and {synthetic['mib_per_unit'] * 100:.0f} MiB per "
-        "1000 extra synthetic images per round**.",
+        f"Slope per 1000 extra synthetic pairs: **{sl['round_seconds'] * 100:.1f} s a round** "
+        f"({sl['client_phase_seconds'] * 100:.1f} s of it in the clients' phases), "
+        f"{sl['rss_after_round_mib'] * 100:+.0f} MiB after a round, {sl['peak_rss_mib'] * 100:+.0f} MiB peak.",
         "",
     ]
     return lines

@@ -1,0 +1,71 @@
+"""The benchmark machinery: its arithmetic, its timer, and the README's results section being in sync."""
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
+
+from benchmarks import quality, readme  # noqa: E402
+from benchmarks.common import spread  # noqa: E402
+from benchmarks.cost import ComputeTimer  # noqa: E402
+from benchmarks.scale import slope  # noqa: E402
+
+
+def test_slope_is_the_least_squares_fit():
+    assert slope([5, 20, 100], [10.0, 25.0, 105.0]) == pytest.approx(1.0)
+    assert slope([1, 2, 3], [2.0, 1.0, 3.0]) == pytest.approx(0.5)  # by hand: Σ(dx·dy)/Σdx² = 1/2
+    assert slope([4, 4], [1.0, 2.0]) == 0.0
+
+
+def test_spread_gives_mean_std_and_min_median_max():
+    s = spread([1.0, 2.0, 6.0])
+    assert (s["mean"], s["min"], s["median"], s["max"], s["n"]) == (3.0, 1.0, 2.0, 6.0, 3)
+    assert s["std"] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+
+
+def test_compute_timer_counts_nested_calls_once_and_restores_the_methods():
+    class Model:
+        def inner(self):
+            time.sleep(0.02)
+
+        def outer(self):
+            self.inner()
+            time.sleep(0.02)
+
+    original = Model.outer
+    timer = ComputeTimer()
+    timer.wrap(Model, "outer", "outer")
+    timer.wrap(Model, "inner", "inner")
+    Model().outer()
+    Model().inner()
+    seconds, calls = timer.take()
+    assert calls == {"outer": 1, "inner": 1}  # the inner call inside outer is outer's time
+    assert 0.04 <= seconds["outer"] < 0.2 and 0.02 <= seconds["inner"] < 0.1
+    timer.restore()
+    assert Model.outer is original and timer.take() == ({}, {})
+
+
+def test_quality_summary_averages_over_seeds_per_cell():
+    runs = [
+        {"client_set": "homogeneous", "alpha": 0.5, "seed": s, "algorithm": a, "client_accuracy_mean": acc}
+        for s, a, acc in [(0, "fedmmkt", 0.8), (1, "fedmmkt", 0.6), (0, "local", 0.5)]
+    ]
+    table = quality.summarize(runs)
+    assert [row["algorithm"] for row in table] == ["local", "fedmmkt"]  # in ALGORITHMS order
+    assert table[1]["client_accuracy_mean"]["mean"] == pytest.approx(0.7)
+    assert table[1]["seeds"] == [0, 1]
+
+
+def test_fedavg_cells_only_for_one_architecture():
+    cells = [(c, a) for c in quality.CLIENT_SETS for a in quality.ALGORITHMS if quality.valid(a, c)]
+    assert ("heterogeneous", "fedavg") not in cells and ("homogeneous", "fedavg") in cells
+    assert len(cells) == 11
+
+
+def test_readme_results_section_matches_the_result_files():
+    text = readme.README.read_text(encoding="utf-8")
+    generated = text.split(readme.BEGIN, 1)[1].split(readme.END, 1)[0]
+    assert readme.BEGIN + generated + readme.END == readme.render(), "run: python -m benchmarks readme"
