@@ -181,26 +181,31 @@ def scale_section(scale: dict[str, Any] | None) -> list[str]:
         "digits, in-process backend, homogeneous ResNet clients on an IID split (the 1,1xx training digits "
         "shared out, so more clients means less data each), 3 rounds, 500 synthetic pairs, every point in its "
         "own process. Round time: mean of rounds 2–3 (clients distil from round 2 on); clients' phases = fit + "
-        "evaluate + aggregate. Memory: the process's resident memory after each round (largest) and its peak "
-        "(`ru_maxrss`), torch, data and generator included.",
+        "evaluate + aggregate. Memory: the process's resident memory after each round (largest), its live memory "
+        "after the last round (after `gc.collect()` and glibc's `malloc_trim`, i.e. without freed pages the "
+        "allocator keeps) and its peak (`ru_maxrss`); torch, data and generator included.",
         "",
-        "| clients | kept built | round time | clients' phases | memory after a round | peak memory |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| clients | kept built | round time | clients' phases | memory after a round | live memory | peak memory |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, sweep in (("one at a time", lazy), ("all", resident)):
         for p in sweep["points"]:
             lines.append(
                 f"| {p['clients']} | {label} | {p['round_seconds']:.1f} s | {p['client_phase_seconds']:.1f} s | "
-                f"{p['rss_after_round_mib']:.0f} MiB | {p['peak_rss_mib']:.0f} MiB |"
+                f"{p['rss_after_round_mib']:.0f} MiB | {p['live_after_last_round_mib']:.0f} MiB | "
+                f"{p['peak_rss_mib']:.0f} MiB |"
             )
     lines += ["", "Slopes (least squares) per extra client:", ""]
-    lines += ["| clients kept built | round time | clients' phases | memory after a round | peak memory |"]
-    lines += ["| --- | --- | --- | --- | --- |"]
+    lines += [
+        "| clients kept built | round time | clients' phases | memory after a round | live memory | peak memory |"
+    ]
+    lines += ["| --- | --- | --- | --- | --- | --- |"]
     for label, sweep in (("one at a time (default)", lazy), ("all", resident)):
         sl = sweep["slopes"]
         lines.append(
             f"| {label} | {sl['round_seconds']:+.3f} s | {sl['client_phase_seconds']:+.3f} s | "
-            f"{sl['rss_after_round_mib']:+.2f} MiB | {sl['peak_rss_mib']:+.2f} MiB |"
+            f"{sl['rss_after_round_mib']:+.2f} MiB | {sl['live_after_last_round_mib']:+.2f} MiB | "
+            f"{sl['peak_rss_mib']:+.2f} MiB |"
         )
     lines += [
         "",

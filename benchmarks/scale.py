@@ -74,6 +74,8 @@ def run_point(overrides: list[str], out: Path) -> dict[str, Any]:
                     "phase_seconds": {k[8:]: v for k, v in row.items() if k.startswith("seconds_")},
                     "synthetic_images": row.get("synthetic_images"),
                     "rss_mib": resident_mib(),
+                    # trimming changes later rounds' memory: only after the last one
+                    "rss_trimmed_mib": trimmed_resident_mib() if data["round"] == recipe.federation.rounds else None,
                 }
             )
 
@@ -88,6 +90,20 @@ def resident_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def trimmed_resident_mib() -> float:
+    """Resident memory after garbage collection and glibc's ``malloc_trim``: live memory, without the
+    freed-but-kept pages a process accumulates when it builds and drops many models."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    return resident_mib()
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -119,10 +135,12 @@ def sweep(name: str, key: str, points: list[dict[str, Any]], threads: int | None
             "client_phase_seconds": sum(sum(r["phase_seconds"].get(p, 0.0) for p in CLIENT_PHASES) for r in later)
             / len(later),
             "rss_after_round_mib": max(r["rss_mib"] for r in measured["rounds"]),
+            "live_after_last_round_mib": measured["rounds"][-1]["rss_trimmed_mib"],
         }
         print(
             f"    round {summary['round_seconds']:.1f} s (clients' phases {summary['client_phase_seconds']:.1f} s), "
-            f"memory after a round {summary['rss_after_round_mib']:.0f} MiB, peak {measured['peak_rss_mib']:.0f} MiB",
+            f"memory after a round {summary['rss_after_round_mib']:.0f} MiB "
+            f"(live {summary['live_after_last_round_mib']:.0f} MiB), peak {measured['peak_rss_mib']:.0f} MiB",
             flush=True,
         )
         results.append({**point, **measured, **summary})
@@ -132,7 +150,13 @@ def sweep(name: str, key: str, points: list[dict[str, Any]], threads: int | None
         "unit": key,
         "slopes": {
             field: slope(xs, [r[field] for r in results])
-            for field in ("round_seconds", "client_phase_seconds", "rss_after_round_mib", "peak_rss_mib")
+            for field in (
+                "round_seconds",
+                "client_phase_seconds",
+                "rss_after_round_mib",
+                "live_after_last_round_mib",
+                "peak_rss_mib",
+            )
         },
     }
 
@@ -184,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{label}: per extra client {slopes['round_seconds']:.3f} s a round "
             f"({slopes['client_phase_seconds']:.3f} s in the clients' phases), "
-            f"{slopes['rss_after_round_mib']:.2f} MiB after a round, {slopes['peak_rss_mib']:.2f} MiB peak"
+            f"{slopes['rss_after_round_mib']:.2f} MiB after a round (live {slopes['live_after_last_round_mib']:.2f}), "
+            f"{slopes['peak_rss_mib']:.2f} MiB peak"
         )
     slopes = synthetic["slopes"]  # per sample per class = 10 images
     print(
