@@ -169,19 +169,27 @@ def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[s
                     output_type="pt",
                 )
 
-    toolkit()  # warm-up: first calls allocate and fill caches
-    direct()
-    rates: dict[str, list[float]] = {"toolkit": [], "direct": []}
+    def direct_fused() -> None:  # the same call with the adapter folded in, as the toolkit generates
+        with generator._merged_adapter():
+            direct()
+
+    calls = {"toolkit": toolkit, "direct": direct, "direct_fused": direct_fused}
+    for call in calls.values():
+        call()  # warm-up: first calls allocate and fill caches
+    rates: dict[str, list[float]] = {name: [] for name in calls}
     for repeat in range(repeats):
-        for name, call in (("toolkit", toolkit), ("direct", direct)) if repeat % 2 == 0 else (
-            ("direct", direct), ("toolkit", toolkit)):  # fmt: skip
+        order = list(calls) if repeat % 2 == 0 else list(reversed(calls))
+        for name in order:
             start = time.perf_counter()
-            call()
+            calls[name]()
             rates[name].append(count / (time.perf_counter() - start))
     ratios = [t / d for t, d in zip(rates["toolkit"], rates["direct"], strict=True)]
+    fused_ratios = [t / d for t, d in zip(rates["toolkit"], rates["direct_fused"], strict=True)]
     print(
         f"  generation: toolkit {spread(rates['toolkit'])['median']:.1f} img/s, "
-        f"direct {spread(rates['direct'])['median']:.1f} img/s, ratio {spread(ratios)['median']:.3f}"
+        f"direct {spread(rates['direct'])['median']:.1f} img/s (ratio {spread(ratios)['median']:.3f}), "
+        f"direct with the adapter fused {spread(rates['direct_fused'])['median']:.1f} img/s "
+        f"(ratio {spread(fused_ratios)['median']:.3f})"
     )
     return {
         "images": count,
@@ -190,7 +198,9 @@ def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[s
         "guidance_scale": cfg.guidance_scale,
         "images_per_second_toolkit": spread(rates["toolkit"]),
         "images_per_second_direct": spread(rates["direct"]),
+        "images_per_second_direct_fused": spread(rates["direct_fused"]),
         "ratio": spread(ratios),
+        "ratio_to_fused": spread(fused_ratios),
     }
 
 
