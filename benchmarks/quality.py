@@ -137,13 +137,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    parser.add_argument(
+        "--results", type=Path, default=RESULT_FILE,
+        help="results file (a second worker on other cells writes its own; merge with --merge-from)",
+    )  # fmt: skip
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[], help="add these files' runs first")
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
 
     setting = {"recipe": str(RECIPE), "rounds": args.rounds, "torch_threads": threads}
-    previous = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() and not args.fresh else {}
+    result_file: Path = args.results
+    previous = json.loads(result_file.read_text()) if result_file.exists() and not args.fresh else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    for other in args.merge_from:  # runs another worker measured with the same setting
+        data = json.loads(other.read_text())
+        if data.get("setting") != setting:
+            raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
+        known = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
+        runs += [r for r in data["runs"] if (r["client_set"], r["alpha"], r["seed"], r["algorithm"]) not in known]
     done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
     cells = [
         (client_set, alpha, seed, algorithm)
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     def save() -> None:
-        atomic_write_json(RESULT_FILE, {
+        atomic_write_json(result_file, {
             "setting": setting, "command": command, "machine": machine(), "runs": runs, "table": summarize(runs),
         })  # fmt: skip
 
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     save()
     print_table(summarize(runs))
-    print(f"wrote {RESULT_FILE}")
+    print(f"wrote {result_file}")
 
 
 if __name__ == "__main__":
