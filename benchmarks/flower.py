@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-flower"))
     args = parser.parse_args(argv)
+    # a terminated benchmark still stops the SuperLink and SuperNodes it started (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from fedmmkt_plugins.backend_flower import LocalFederation
 
     overrides = ["clients.0.count=2", "clients.1.count=1", f"federation.rounds={args.rounds}", "loggers=[]"]
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_HOME": str(work / "flwr-home"), "HF_HUB_OFFLINE": "1"}
     os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS", "FLWR_HOME")})  # for the SuperNodes we start
     runs: dict[str, list[dict[str, Any]]] = {"inprocess": [], "deployment": [], "simulation": []}
+    print("  warm-up (caches the smoke recipe's generator and oracle; not timed) ...", flush=True)
+    fedmmkt_run([*overrides[:-2], "federation.rounds=1", "loggers=[]"], work / "warm-up", env)
     federation = LocalFederation(3, work / "federation")
     federation.start()
     try:
