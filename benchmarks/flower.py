@@ -46,6 +46,9 @@ def read_run(out: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result: dict[str, Any] = {
         "round_seconds": [row["seconds_round"] for row in rows],
+        "phase_seconds": {
+            k[8:]: [row[k] for row in rows] for k in rows[0] if k.startswith("seconds_") and k != "seconds_round"
+        },
         "bytes_up_per_client": [row["bytes_up_per_client"] for row in rows],
         "bytes_down_per_client": [row["bytes_down_per_client"] for row in rows],
         "metrics": [{k: v for k, v in row.items() if not k.startswith("seconds_")} for row in rows],
@@ -101,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
             "bytes_up_per_client_round": spread([b for r in repeats for b in r["bytes_up_per_client"]]),
             "bytes_down_per_client_round": spread([b for r in repeats for b in r["bytes_down_per_client"]]),
             "metrics_equal_inprocess": all(r["metrics"] == reference for r in repeats),
+            "phase_seconds": {
+                phase: spread([v for r in repeats for v in r["phase_seconds"].get(phase, [])])
+                for phase in repeats[0]["phase_seconds"]
+            },
         }
         ratios = [r["flower_bytes_over_toolkit_bytes"] for r in repeats if "flower_bytes_over_toolkit_bytes" in r]
         if ratios:
