@@ -55,7 +55,7 @@ def machine_line(data: dict[str, Any]) -> str:
     threads = data.get("torch_threads", m.get("torch_threads"))
     gpu = "a GPU" if m.get("gpu") else "no GPU"
     return f"{m.get('cpus', '?')} CPU cores, {gpu}, torch {m.get('torch', '?')} with {threads} thread(s)" + (
-        f", commit {m['commit']}" if m.get("commit") else ""
+        f", commit {m['commit']}" if m.get("commit") and m["commit"] != "see workers" else ""
     )
 
 
@@ -75,6 +75,10 @@ def quality_section(data: dict[str, Any] | None) -> list[str]:
         "an oracle trained on held-out real digits (start value in brackets).",
         "",
     ]
+    for worker in data.get("workers", []):  # cells measured by parallel workers, merged with --merge-from
+        lines += [f"* at commit {worker['commit']}: {worker['cells']} ({worker['note']})"]
+    if data.get("workers"):
+        lines.append("")
     from .quality import summarize
 
     table = summarize(data["runs"])
