@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,32 @@ def git_commit() -> str:
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def alternating_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call over ``repeats`` rounds, after one untimed warm-up each. The order flips
+    every other round, so a slow drift of the machine weighs on every call alike."""
+    for call in calls.values():
+        call()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for repeat in range(repeats):
+        for name in list(calls) if repeat % 2 == 0 else list(reversed(calls)):
+            start = time.perf_counter()
+            calls[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def demo_generator(recipe_path: Path, overrides: list[str]) -> tuple[Any, Any]:
+    """``(generator, splits)``: the recipe's generator built as a run builds it (seed, cache, public split)."""
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import cache_dir, load_data
+    from fedmmkt_core.seeding import derive_seed
+
+    recipe = load_recipe(recipe_path, ["loggers=[]", *overrides])
+    splits, _ = load_data(recipe)
+    generator = recipe.build("generator", recipe.generator)
+    generator.build(
+        splits.task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache_dir(), public=splits.public
+    )
+    return generator, splits

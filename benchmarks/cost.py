@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .common import RESULTS, alternating_seconds, atomic_write_json, demo_generator, machine, set_threads, spread
 
 RECIPE = Path("examples/digits.yaml")
 RESULT_FILE = RESULTS / "cost-digits.json"
@@ -138,15 +138,8 @@ def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[s
     """Images/s through the toolkit's generator vs the same diffusers pipeline called directly."""
     import torch
 
-    from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import cache_dir, load_data
-    from fedmmkt_core.seeding import derive_seed
-
-    recipe = load_recipe(RECIPE, ["loggers=[]", *overrides])
-    splits, _ = load_data(recipe)
-    generator = recipe.build("generator", recipe.generator)
+    generator, splits = demo_generator(RECIPE, overrides)
     task = splits.task
-    generator.build(task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache_dir(), public=splits.public)
     cfg = generator.config
     prompts = [task.prompt(j % task.num_classes) for j in range(count)]
     seeds = list(range(count))
@@ -173,16 +166,8 @@ def measure_generation(repeats: int, count: int, overrides: list[str]) -> dict[s
         with generator._merged_adapter():
             direct()
 
-    calls = {"toolkit": toolkit, "direct": direct, "direct_fused": direct_fused}
-    for call in calls.values():
-        call()  # warm-up: first calls allocate and fill caches
-    rates: dict[str, list[float]] = {name: [] for name in calls}
-    for repeat in range(repeats):
-        order = list(calls) if repeat % 2 == 0 else list(reversed(calls))
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            rates[name].append(count / (time.perf_counter() - start))
+    seconds = alternating_seconds({"toolkit": toolkit, "direct": direct, "direct_fused": direct_fused}, repeats)
+    rates = {name: [count / s for s in values] for name, values in seconds.items()}
     ratios = [t / d for t, d in zip(rates["toolkit"], rates["direct"], strict=True)]
     fused_ratios = [t / d for t, d in zip(rates["toolkit"], rates["direct_fused"], strict=True)]
     print(
@@ -256,14 +241,7 @@ def compare_fit(model: Any, train: Any, distill: Any, repeats: int) -> dict[str,
                 loss.backward()
                 optimizer.step()
 
-    plugin(), bare()  # warm-up
-    times: dict[str, list[float]] = {"plugin": [], "bare": []}
-    for repeat in range(repeats):
-        for label, call in (("plugin", plugin), ("bare", bare)) if repeat % 2 == 0 else (
-            ("bare", bare), ("plugin", plugin)):  # fmt: skip
-            start = time.perf_counter()
-            call()
-            times[label].append(time.perf_counter() - start)
+    times = alternating_seconds({"plugin": plugin, "bare": bare}, repeats)
     ratios = [p / b for p, b in zip(times["plugin"], times["bare"], strict=True)]
     return {
         "samples": len(train),

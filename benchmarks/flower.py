@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def fedmmkt_run(overrides: list[str], out: Path, env: dict[str, str]) -> float:
 
 
 def read_run(out: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from fedmmkt_core.rundir import RunDirectory
+
+    rows = RunDirectory(out).read_metrics()
     result: dict[str, Any] = {
         "round_seconds": [row["seconds_round"] for row in rows],
         "phase_seconds": {
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         for repeat in range(args.repeats):
             for mode, extra in (("inprocess", []), ("deployment", [deployment]), ("simulation", [SIMULATION])):
                 out = args.out / f"{mode}-{repeat}"
-                subprocess.run(["rm", "-rf", str(out)], check=True)
+                shutil.rmtree(out, ignore_errors=True)
                 print(f"  {mode} (repeat {repeat + 1}) ...", flush=True)
                 seconds = fedmmkt_run([*overrides, *extra], out, env)
                 run = {"command_seconds": seconds, **read_run(out)}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .common import RESULTS, alternating_seconds, atomic_write_json, demo_generator, machine, set_threads, spread
 
 RECIPE = Path("examples/digits.yaml")
 RESULT_FILE = RESULTS / "profile-digits.json"
@@ -68,16 +68,7 @@ def generation_with_and_without_merge(repeats: int, count: int) -> dict[str, Any
     import torch
     from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
 
-    from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import cache_dir, load_data
-    from fedmmkt_core.seeding import derive_seed
-
-    recipe = load_recipe(RECIPE, ["loggers=[]"])
-    splits, _ = load_data(recipe)
-    generator = recipe.build("generator", recipe.generator)
-    generator.build(
-        splits.task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache_dir(), public=splits.public
-    )
+    generator, splits = demo_generator(RECIPE, [])
     torch.manual_seed(0)
     for param in generator.lora_parameters():  # a trained adapter is non-zero; LoRA's B starts at zero
         param.data.add_(torch.randn_like(param) * 0.05)
@@ -85,20 +76,15 @@ def generation_with_and_without_merge(repeats: int, count: int) -> dict[str, Any
     seeds = list(range(count))
     merged_method = SDLoraGenerator._merged_adapter
 
-    def run(merge: bool) -> float:
+    def run(merge: bool) -> None:
         SDLoraGenerator._merged_adapter = merged_method if merge else (lambda self: contextlib.nullcontext())
         try:
-            start = time.perf_counter()
             generator.generate(prompts, seeds)
-            return count / (time.perf_counter() - start)
         finally:
             SDLoraGenerator._merged_adapter = merged_method
 
-    run(True), run(False)  # warm-up
-    rates: dict[str, list[float]] = {"merged": [], "unmerged": []}
-    for repeat in range(repeats):
-        for merge in (True, False) if repeat % 2 == 0 else (False, True):
-            rates["merged" if merge else "unmerged"].append(run(merge))
+    seconds = alternating_seconds({"merged": lambda: run(True), "unmerged": lambda: run(False)}, repeats)
+    rates = {name: [count / s for s in values] for name, values in seconds.items()}
     speedups = [m / u for m, u in zip(rates["merged"], rates["unmerged"], strict=True)]
     print(
         f"  generation {count} images: merged {spread(rates['merged'])['median']:.1f} img/s, "

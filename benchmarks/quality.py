@@ -69,6 +69,7 @@ def overrides_for(client_set: str, alpha: float, seed: int, algorithm: str, roun
 
 def run_cell(client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, out: Path) -> dict[str, Any]:
     from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.rundir import RunDirectory
     from fedmmkt_core.runner import Runner
 
     overrides = overrides_for(client_set, alpha, seed, algorithm, rounds)
@@ -80,7 +81,7 @@ def run_cell(client_set: str, alpha: float, seed: int, algorithm: str, rounds: i
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     summary = Runner(recipe, run_dir).run()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = RunDirectory(run_dir).read_metrics()
     phases = sorted({k for row in rows for k in row if k.startswith("seconds_")})
     return {
         "client_set": client_set,
