@@ -12,6 +12,7 @@ import sys
 
 BENCHMARKS = {
     "quality": "benchmarks.quality",
+    "ablations": "benchmarks.ablations",
     "cost": "benchmarks.cost",
     "scale": "benchmarks.scale",
     "profile": "benchmarks.profile",

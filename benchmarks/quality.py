@@ -41,8 +41,10 @@ CLIENT_SETS: dict[str, list[dict[str, Any]]] = {
     "heterogeneous": [{**RESNET, "count": 3}, {**VIT, "count": 3}],  # the demo's 3 ResNets + 3 ViTs
     "homogeneous": [{**RESNET, "count": 6}],
 }
-ALGORITHMS = ["local", "fedavg", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"]
-GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"}
+ALGORITHMS = [
+    "local", "fedavg", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt", "centralized"
+]  # fmt: skip
+GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt", "centralized"}
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
@@ -53,10 +55,14 @@ def valid(algorithm: str, client_set: str) -> bool:
     return algorithm != "fedavg" or client_set == "homogeneous"
 
 
-def overrides_for(client_set: str, alpha: float, seed: int, algorithm: str, rounds: int) -> list[str]:
+def overrides_for(
+    client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, recipe_path: Path = RECIPE
+) -> list[str]:
     from fedmmkt_core.recipe import load_recipe
 
-    params = load_recipe(RECIPE).algorithm.params if algorithm in GENERATOR_ALGORITHMS else {}
+    params = dict(load_recipe(recipe_path).algorithm.params) if algorithm in GENERATOR_ALGORITHMS else {}
+    if algorithm in ("feddf", "centralized"):  # same transfer set and evaluation, none of FedMMKT's targets
+        params = {k: v for k, v in params.items() if k not in ("client_targets", "prompt_weight")}
     return [
         f"seed={seed}",
         f"federation.rounds={rounds}",

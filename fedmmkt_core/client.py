@@ -3,6 +3,10 @@
 A backend (in-process, Flower...) only moves messages; what a client does with them lives here,
 so every backend runs the same client code. Message types:
 
+Under differential privacy (``privacy`` in the recipe) a client uploads only what is noised and
+counted in ε: the clipped, noised logits. Class counts, its sample count and its training metrics
+are withheld.
+
 ``fit``       train locally. config: ``seed``, optional ``kd_weight``/``temperature``,
               ``return_weights``, ``logits_dtype``; arrays: optional ``weights/*`` (start from
               these), ``distill_images`` + ``distill_soft_labels``, ``predict_images``.
@@ -14,9 +18,12 @@ so every backend runs the same client code. Message types:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +33,13 @@ from .interfaces import ClientModel
 from .privacy import SoftLabelPrivacy
 from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+# The client-side secret that makes DP noise reproducible (see ClientRuntime.noise_rng). Read by the
+# client alone: from this environment variable in-process, from the node config on Flower.
+CLIENT_SECRET_ENV = "FEDMMKT_CLIENT_SECRET"
 
 MAX_SYNTHETIC_IMAGES = 100_000
 # Logits may travel as float16: half the upload, and soft labels need no more precision.
@@ -44,8 +58,10 @@ class ClientRuntime:
         task: TaskSpec,
         fault: FaultSpec | None = None,
         privacy: SoftLabelPrivacy | None = None,
+        secret: str | None = None,
     ):
         self.client_id = client_id
+        self._secret = secret
         self.model = model
         self.train = train
         self.test = test
@@ -97,7 +113,9 @@ class ClientRuntime:
         arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
         if predict_images is not None:
             arrays.update(self._logits(predict_images, message))
-        config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
+        config: dict = {}
+        if self.privacy is None:  # under DP only noised, accounted values go up
+            config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
         return Message("fit_reply", config, arrays)
 
     def _logits(self, images: np.ndarray, message: Message) -> dict[str, np.ndarray]:
@@ -106,20 +124,95 @@ class ClientRuntime:
             raise MessageError(f"logits_dtype must be one of {sorted(LOGIT_DTYPES)}, got '{dtype}'")
         logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)
         if self.privacy is not None:  # noised here, on the client: the server never sees clean logits
-            logits = self.privacy.privatize(logits, _seed(message), self.client_id)
+            logits = self.privacy.privatize(logits, self.noise_rng(_seed(message)))
+            return {"logits": logits.astype(LOGIT_DTYPES[dtype])}  # exact class counts would escape ε
         counts = self.train.class_counts(self.task.num_classes)
         return {"logits": logits.astype(LOGIT_DTYPES[dtype]), "class_counts": counts}
+
+    def noise_rng(self, message_seed: int) -> np.random.Generator:
+        """Randomness for DP noise that only this client holds.
+
+        Without a client secret: fresh OS entropy every time (nobody, this client included, can
+        regenerate it). With one (``FEDMMKT_CLIENT_SECRET`` or a node's ``client-secret``): derived
+        from the secret, the client id and the message, so experiments repeat exactly; whoever knows
+        the secret can regenerate the noise, so sharing it with the server voids the guarantee.
+        """
+        if self._secret is None:
+            return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        digest = hashlib.sha256(f"{self._secret}\x00{self.client_id}\x00{message_seed}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
     def _predict(self, message: Message) -> Message:
         images = self._images(message, "images")
         arrays = self._logits(images, message)
-        return Message("predict_reply", {"num_samples": len(self.train)}, arrays)
+        config = {"num_samples": len(self.train)} if self.privacy is None else {}
+        return Message("predict_reply", config, arrays)
 
     def _evaluate(self, message: Message) -> Message:
         self._maybe_set_weights(message)
         logits = self.model.predict_logits(self.test.images)
         accuracy = float((np.argmax(logits, axis=1) == self.test.labels).mean()) if len(self.test) else float("nan")
         return Message("evaluate_reply", {"accuracy": accuracy, "num_test": len(self.test)})
+
+
+class ClientFactory:
+    """The client side of a recipe: builds client ``k``'s runtime holding only client ``k``'s data.
+
+    Every backend builds its clients here (the in-process backend for each simulated client, Flower's
+    ClientApp on its node). In a simulation the recipe's one dataset is loaded on this machine and each
+    client's partition cut from it (deterministic for the recipe's seed); nothing here is reachable
+    from the server side of a run.
+    """
+
+    def __init__(self, recipe: Recipe, secret: str | None = None):
+        self.recipe = recipe
+        self.secret = secret if secret is not None else os.environ.get(CLIENT_SECRET_ENV) or None
+        self._data: tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray]] | None = None
+
+    def _load(self) -> tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray]]:
+        if self._data is None:
+            from .loading import evaluation_split, load_splits, partition
+
+            splits = load_splits(self.recipe)
+            parts = partition(self.recipe, splits.train.labels)
+            self._data = (splits.train, evaluation_split(self.recipe, splits), splits.task, parts)
+        return self._data
+
+    @property
+    def task(self) -> TaskSpec:
+        return self._load()[2]
+
+    def build_model(self, client_id: int) -> ClientModel:
+        """Client ``client_id``'s model with its initial weights (architecture from the recipe)."""
+        return build_client_model(self.recipe, self.task, client_id)
+
+    def build(self, client_id: int, model: ClientModel | None = None) -> ClientRuntime:
+        if not 0 <= client_id < self.recipe.num_clients:
+            raise ValueError(f"client id {client_id} outside 0..{self.recipe.num_clients - 1}")
+        train, evaluation, task, parts = self._load()
+        model = model if model is not None else self.build_model(client_id)
+        fault = self.recipe.client_groups()[client_id].fault
+        return ClientRuntime(
+            client_id,
+            model,
+            train.subset(parts[client_id]),
+            evaluation,
+            task,
+            fault=fault,
+            privacy=self.recipe.privacy,
+            secret=self.secret,
+        )
+
+
+def build_client_model(recipe: Recipe, task: TaskSpec, client_id: int) -> ClientModel:
+    """Instantiate and build client ``client_id``'s model with its initial weights."""
+    from .seeding import derive_seed
+
+    group = recipe.client_groups()[client_id]
+    model = recipe.build("client_model", group)
+    assert isinstance(model, ClientModel)
+    model.build(task, seed=derive_seed(recipe.seed, "init", client_id))
+    return model
 
 
 def _seed(message: Message) -> int:

@@ -1,4 +1,10 @@
-"""What an algorithm sees during a run: components, clients, message exchange, phases, seeds."""
+"""What an algorithm sees during a run: the server side of the trust boundary.
+
+:class:`ServerContext` holds the task, the evaluation/oracle/public data (:class:`ServerData`), the
+components, message exchange, phases and seeds. It never holds a client's training data or the
+partition: clients are built on their own side by :class:`fedmmkt_core.client.ClientFactory`, and an
+algorithm reaches them only through :meth:`ServerContext.exchange`.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .data import DataSplits, TaskSpec
+from .data import ServerData, TaskSpec
 from .errors import ClientFailure
 from .seeding import derive_seed
 from .wire import Message, MessageError
 
 if TYPE_CHECKING:
-    from .client import ClientRuntime
     from .interfaces import Aggregator, AlignmentLoss, Backend, ClientModel, Generator
     from .recipe import Recipe
     from .rundir import RunDirectory
@@ -48,22 +53,20 @@ class RoundStats:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
 
-class RunContext:
-    """Shared state of one run. Algorithms use :meth:`exchange` to talk to clients."""
+class ServerContext:
+    """The server side of one run. Algorithms use :meth:`exchange` to talk to clients."""
 
     def __init__(
         self,
         recipe: Recipe,
         run_dir: RunDirectory,
-        splits: DataSplits,
-        partitions: list[np.ndarray],
+        data: ServerData,
         events: EventSink | None = None,
     ):
         self.recipe = recipe
         self.run_dir = run_dir
-        self.splits = splits
-        self.task: TaskSpec = splits.task
-        self.partitions = partitions
+        self.data = data
+        self.task: TaskSpec = data.task
         self.clients: list[ClientInfo] = []
         for group_index, group in enumerate(recipe.clients):
             for _ in range(group.count):
@@ -72,7 +75,7 @@ class RunContext:
         self.aggregator: Aggregator | None = None
         self.generator: Generator | None = None
         self.alignment_losses: list[tuple[AlignmentLoss, float]] = []
-        self.backend: Backend | None = None
+        self._backend: Backend | None = None
         self.round_index = 0
         self.rounds_completed_at_start = 0
         self.sampled: list[int] = []
@@ -84,22 +87,19 @@ class RunContext:
         return derive_seed(self.recipe.seed, *keys)
 
     # ------------------------------------------------------------------ clients
+    @property
+    def backend(self) -> Backend | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
+
     def build_client_model(self, client_id: int) -> ClientModel:
-        """Instantiate and build client ``client_id``'s model with its initial weights."""
-        group = self.recipe.client_groups()[client_id]
-        model = self.recipe.build("client_model", group)
-        model.build(self.task, seed=self.seed_for("init", client_id))
-        return model
+        """An untrained model of client ``client_id``'s architecture and initial weights (no data)."""
+        from .client import build_client_model
 
-    def client_runtime(self, client_id: int, model: ClientModel | None = None) -> ClientRuntime:
-        """The client-side runtime of ``client_id`` (for backends that host clients in-process)."""
-        from .client import ClientRuntime
-
-        model = model if model is not None else self.build_client_model(client_id)
-        train = self.splits.train.subset(self.partitions[client_id])
-        fault = self.recipe.client_groups()[client_id].fault
-        privacy = self.recipe.privacy
-        return ClientRuntime(client_id, model, train, self.splits.test, self.task, fault=fault, privacy=privacy)
+        return build_client_model(self.recipe, self.task, client_id)
 
     def sample_clients(self, round_index: int) -> list[int]:
         fed = self.recipe.federation
@@ -143,10 +143,10 @@ class RunContext:
         recorded in the round's failures and left out. Fewer than ``required`` good replies
         (default: ``federation.min_clients``) raises :class:`RoundFailed`.
         """
-        if self.backend is None:
+        if self._backend is None:
             raise RuntimeError("no backend started")
         with self.phase(phase, total=len(messages)) as advance:
-            replies = self.backend.exchange(messages, self.round_index, progress=advance)
+            replies = self._backend.exchange(messages, self.round_index, progress=advance)
         good: dict[int, Message] = {}
         for client_id, message in messages.items():
             if count_bytes:
@@ -190,3 +190,6 @@ class RunContext:
             "client_accuracy_min": float(np.min(values)),
             "client_accuracy": {str(k): v for k, v in accuracy.items()},
         }
+
+
+RunContext = ServerContext  # the name algorithms were written against

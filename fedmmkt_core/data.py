@@ -63,7 +63,8 @@ class DataSplits:
 
     ``train`` is partitioned among the clients; ``test`` is the held-out split every client is
     evaluated on; ``oracle`` is held out from every party and trains the evaluation oracle;
-    ``public`` is what the server may pre-train its generator on (it may come from another domain).
+    ``public`` is what the server may pre-train its generator on (it may come from another domain);
+    ``validation`` is carved from the clients' side for choosing defaults (the test split only reports).
     """
 
     task: TaskSpec
@@ -71,7 +72,33 @@ class DataSplits:
     test: ImageSet
     oracle: ImageSet | None = None
     public: ImageSet | None = None
+    validation: ImageSet | None = None
     extras: dict[str, ImageSet] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """What the server side of a run may hold: never a client's training data.
+
+    ``evaluation`` is the split clients are evaluated on (``data.evaluate_on``: test or validation),
+    ``oracle`` trains the evaluation oracle (held out from every party), ``public`` is the server's own
+    pre-training data.
+    """
+
+    task: TaskSpec
+    evaluation: ImageSet
+    oracle: ImageSet | None = None
+    public: ImageSet | None = None
+
+
+def concatenate_sets(sets: Sequence[ImageSet]) -> ImageSet:
+    """One image set from several with the same geometry (captions kept when all have them)."""
+    if not sets:
+        raise DataError("no image sets to concatenate")
+    captions = None
+    if all(s.captions is not None for s in sets):
+        captions = [c for s in sets for c in s.captions]  # type: ignore[union-attr]
+    return ImageSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]), captions)
 
 
 @dataclass

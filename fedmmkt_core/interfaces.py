@@ -22,7 +22,7 @@ from .data import DataSplits, DistillSet, ImageSet, TaskSpec
 from .errors import DataError, RecipeIssue
 
 if TYPE_CHECKING:
-    from .context import RunContext
+    from .context import ServerContext
     from .recipe import Recipe
     from .runner import Runner
     from .wire import Message
@@ -279,14 +279,14 @@ class Algorithm(Component):
     #: clients upload logits on shared images (what the recipe's ``privacy`` section protects)
     uploads_soft_labels: ClassVar[bool] = False
 
-    def setup(self, ctx: RunContext) -> None:
+    def setup(self, ctx: ServerContext) -> None:
         """Called once before the first round (and again on resume, before ``load_state``)."""
 
     @abstractmethod
-    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         """Run one round; return the round's metrics (the context adds bytes and timings)."""
 
-    def evaluate(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         """Metrics after the round; by default every client's accuracy on the test split."""
         return ctx.evaluate_clients()
 
@@ -304,7 +304,7 @@ class Backend(Component):
     kind = "backend"
 
     @abstractmethod
-    def start(self, ctx: RunContext) -> None:
+    def start(self, ctx: ServerContext) -> None:
         """Bring up the clients described by ``ctx.clients``."""
 
     @abstractmethod

@@ -4,8 +4,11 @@ The unit protected is a client's whole local dataset (client-level DP, the notio
 neighbouring inputs are any two datasets of one client. Each round's upload is the client's logits
 on ``n`` synthetic images; every row is clipped to L2 norm ``clip_norm``, so replacing the dataset
 moves the upload by at most ``Δ = 2 · clip_norm · √n`` (Frobenius norm), and each coordinate gets
-Gaussian noise of standard deviation ``noise_multiplier · Δ``. The client adds the noise itself:
-the server never sees the clean logits (local DP), so the guarantee does not need a trusted server.
+Gaussian noise of standard deviation ``noise_multiplier · Δ``. The client adds the noise itself, from
+randomness only it holds (:meth:`fedmmkt_core.client.ClientRuntime.noise_rng`): the server never sees
+the clean logits and cannot regenerate the noise (local DP), so the guarantee does not need a trusted
+server. Nothing else a client knows goes up under DP (class counts, sample counts and training
+metrics are withheld), so the ε below covers every upload of the training protocol.
 
 Each round is then a Gaussian mechanism with noise multiplier ``noise_multiplier``; the ε a client
 has spent after the rounds it took part in comes from the RDP accountant of Google's
@@ -21,7 +24,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import MissingDependencyError
-from .seeding import derive_seed
 
 
 class SoftLabelPrivacy(BaseModel):
@@ -35,12 +37,11 @@ class SoftLabelPrivacy(BaseModel):
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ) guarantee")
 
-    def privatize(self, logits: np.ndarray, seed: int, client_id: int) -> np.ndarray:
-        """Clip each row and add Gaussian noise (seeded: the same message gets the same noise)."""
+    def privatize(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Clip each row and add Gaussian noise drawn from ``rng`` (the client's own randomness)."""
         values = np.asarray(logits, dtype=np.float64)
         norms = np.linalg.norm(values, axis=1, keepdims=True)
         clipped = values * np.minimum(1.0, self.clip_norm / np.maximum(norms, 1e-12))
-        rng = np.random.default_rng(derive_seed(seed, "dp-noise", client_id))
         noisy = clipped + rng.normal(0.0, self.noise_std(len(values)), size=values.shape)
         return noisy.astype(np.float32)
 

@@ -54,8 +54,18 @@ class WeightedComponentSpec(ComponentSpec):
 
 
 class DataSection(_Strict):
-    dataset: ComponentSpec
+    dataset: ComponentSpec = Field(description="the clients' domain: their training data, test, oracle splits")
     partitioner: ComponentSpec = Field(default_factory=lambda: ComponentSpec(name="iid"))
+    public: ComponentSpec | None = Field(
+        None,
+        description="the server's own public dataset (generator pre-training), from another source than the "
+        "clients' images; every image it loads is used; replaces the dataset's public_fraction split",
+    )
+    evaluate_on: Literal["test", "validation"] = Field(
+        "test",
+        description="the split client accuracy, CAS reference and Fréchet distance are measured on: choose "
+        "defaults on 'validation', report on 'test'",
+    )
 
 
 class FederationSection(_Strict):
@@ -109,6 +119,10 @@ class Recipe(_Strict):
         found: list[tuple[str, str, ComponentSpec]] = [
             ("data.dataset", "dataset", self.data.dataset),
             ("data.partitioner", "partitioner", self.data.partitioner),
+        ]
+        if self.data.public is not None:
+            found.append(("data.public", "dataset", self.data.public))
+        found += [
             ("algorithm", "algorithm", self.algorithm),
             ("backend", "backend", self.backend),
         ]
@@ -248,6 +262,8 @@ def _check_component_dicts(data: dict, registry: Registry, base_dir: Path, locat
 def _component_paths(data: dict) -> Iterable[tuple[str, str]]:
     yield "data.dataset", "dataset"
     yield "data.partitioner", "partitioner"
+    if isinstance(data.get("data"), dict) and data["data"].get("public") is not None:
+        yield "data.public", "dataset"
     for key, kind in (
         ("algorithm", "algorithm"),
         ("backend", "backend"),

@@ -13,15 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from .context import EventSink, RoundFailed, RunContext
-from .data import DataSplits
+from .context import EventSink, RoundFailed, ServerContext
 from .errors import UserError
-from .interfaces import Algorithm, Backend, Dataset, Logger, Partitioner
+from .interfaces import Algorithm, Backend, Logger
+from .loading import load_data, load_server_data
 from .recipe import Recipe, dump_yaml
 from .rundir import RunDirectory, atomic_write_json, atomic_write_text, load_safetensors, save_safetensors
 from .seeding import seed_everything
 
 log = logging.getLogger("fedmmkt")
+
+__all__ = ["Runner", "RunFailed", "cache_dir", "load_data"]
 
 SUMMARY_FROM_LAST_ROUND = (
     "client_accuracy_mean",
@@ -37,20 +39,6 @@ SUMMARY_FROM_LAST_ROUND = (
 
 class RunFailed(Exception):
     """The run could not go on (e.g. too few clients); the message says why."""
-
-
-def load_data(recipe: Recipe) -> tuple[DataSplits, list[np.ndarray]]:
-    """Load the dataset and partition its training split: identical on every machine for one seed."""
-    dataset = recipe.build("dataset", recipe.data.dataset)
-    assert isinstance(dataset, Dataset)
-    splits = dataset.load(seed=recipe.seed)
-    partitioner = recipe.build("partitioner", recipe.data.partitioner)
-    assert isinstance(partitioner, Partitioner)
-    from .seeding import derive_seed
-
-    rng = np.random.default_rng(derive_seed(recipe.seed, "partition"))
-    partitions = partitioner.checked_partition(splits.train.labels, recipe.num_clients, rng)
-    return splits, partitions
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -130,8 +118,8 @@ class Runner:
         recipe = self.recipe
         log.info("%s run '%s' in %s", "resuming" if completed else "starting", recipe.name, self.run_dir.root)
         seed_everything(recipe.seed)
-        splits, partitions = load_data(recipe)
-        ctx = RunContext(recipe, self.run_dir, splits, partitions, self.events)
+        data = load_server_data(recipe)
+        ctx = ServerContext(recipe, self.run_dir, data, self.events)
         if recipe.aggregator is not None:
             ctx.aggregator = recipe.build("aggregator", recipe.aggregator)  # type: ignore[assignment]
         algorithm = recipe.build("algorithm", recipe.algorithm)
@@ -144,7 +132,7 @@ class Runner:
                 ctx.task,
                 seed=ctx.seed_for("generator"),
                 cache_dir=cache_dir(),
-                public=splits.public,
+                public=data.public,
                 progress=self._progress_events(),
             )
             ctx.generator = generator  # type: ignore[assignment]
@@ -191,7 +179,7 @@ class Runner:
 
         return progress
 
-    def _round(self, ctx: RunContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
+    def _round(self, ctx: ServerContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
         start = time.perf_counter()
         seed_everything(ctx.seed_for("round", round_index))
         ctx.begin_round(round_index)
@@ -237,7 +225,7 @@ class Runner:
         assert self.recipe.privacy is not None
         return self.recipe.privacy.epsilon_spent(uploads.values())
 
-    def _save_checkpoint(self, ctx: RunContext, algorithm: Algorithm, rounds_completed: int) -> None:
+    def _save_checkpoint(self, ctx: ServerContext, algorithm: Algorithm, rounds_completed: int) -> None:
         directory = self.run_dir.checkpoint_dir
         values, arrays = algorithm.state()
         arrays_name = f"algorithm.r{rounds_completed}.safetensors"
@@ -251,7 +239,7 @@ class Runner:
             if match and int(match.group(2)) < rounds_completed:
                 old.unlink(missing_ok=True)
 
-    def _load_checkpoint(self, ctx: RunContext, algorithm: Algorithm, completed: int) -> None:
+    def _load_checkpoint(self, ctx: ServerContext, algorithm: Algorithm, completed: int) -> None:
         directory = self.run_dir.checkpoint_dir
         state = json.loads((directory / "state.json").read_text())
         arrays = load_safetensors(directory / state["algorithm_arrays"])

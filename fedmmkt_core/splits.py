@@ -20,6 +20,13 @@ class SplitConfig(ComponentConfig):
         0.15, ge=0, lt=1, description="held out from every party; trains the evaluation oracle"
     )
     public_fraction: float = Field(0.0, ge=0, lt=1, description="the server's public split (generator pre-training)")
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="carved from the clients' side: the split defaults are chosen on (data.evaluate_on: validation); "
+        "the test split only reports",
+    )
     caption_template: str = Field("a photo of a {name}", description="caption from the class name")
     public_style: Literal["same", "inverted"] = Field(
         "same",
@@ -31,8 +38,12 @@ class SplitConfig(ComponentConfig):
 
     @model_validator(mode="after")
     def _check_shares(self) -> SplitConfig:
-        if self.test_fraction + self.oracle_fraction + self.public_fraction >= 0.9:
-            raise ValueError("test_fraction + oracle_fraction + public_fraction must leave at least 10% for clients")
+        held_out = self.test_fraction + self.oracle_fraction + self.public_fraction + self.validation_fraction
+        if held_out >= 0.9:
+            raise ValueError(
+                "test_fraction + oracle_fraction + public_fraction + validation_fraction must leave at least 10% "
+                "for clients"
+            )
         if "{name}" not in self.caption_template:
             raise ValueError("caption_template must contain '{name}'")
         return self
@@ -54,9 +65,12 @@ def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> l
 
 
 def protocol_splits(full: ImageSet, task: TaskSpec, config: SplitConfig, seed: int) -> DataSplits:
-    """Stratified test / oracle / public splits of ``full``; the rest is the clients' training data."""
-    fractions = [config.test_fraction, config.oracle_fraction, config.public_fraction]
-    test, oracle, public, train = (full.subset(p) for p in stratified_split(full.labels, fractions, seed))
+    """Stratified test / oracle / public / validation splits of ``full``; the rest is the clients' training data.
+
+    Validation is cut last, so adding it leaves the test, oracle and public splits unchanged."""
+    fractions = [config.test_fraction, config.oracle_fraction, config.public_fraction, config.validation_fraction]
+    parts = stratified_split(full.labels, fractions, seed)
+    test, oracle, public, validation, train = (full.subset(p) for p in parts)
     if config.public_style == "inverted" and len(public):
         public = shifted_style(public, config.public_style_fraction, seed)
     return DataSplits(
@@ -65,6 +79,7 @@ def protocol_splits(full: ImageSet, task: TaskSpec, config: SplitConfig, seed: i
         test=test,
         oracle=oracle if len(oracle) else None,
         public=public if len(public) else None,
+        validation=validation if len(validation) else None,
     )
 
 

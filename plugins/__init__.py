@@ -7,6 +7,7 @@ imports its heavy libraries lazily.
 from fedmmkt_core.hookspecs import hookimpl
 
 from .aggregator_kd import KDAggregator
+from .algorithm_centralized import Centralized
 from .algorithm_fedavg import FedAvg
 from .algorithm_feddf import FedDF
 from .algorithm_fedmmkt import FedMMKT
@@ -21,6 +22,7 @@ from .client_vit import ViTClient
 from .dataset_digits import DigitsDataset
 from .dataset_hf import HFDiskDataset
 from .dataset_imagefolder import ImageFolderDataset
+from .dataset_typeset_digits import TypesetDigitsDataset
 from .generator_sd_lora import SDLoraGenerator
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger
@@ -37,6 +39,7 @@ def register_datasets(register):
     register("digits", DigitsDataset)
     register("imagefolder", ImageFolderDataset)
     register("hf-disk", HFDiskDataset)
+    register("typeset-digits", TypesetDigitsDataset)
 
 
 @hookimpl
@@ -66,6 +69,7 @@ def register_algorithms(register):
     register("fedmmkt", FedMMKT)
     register("fedmmkt-frozen-generator", FedMMKTFrozenGenerator)
     register("fedmmkt-no-feedback", FedMMKTNoFeedback)
+    register("centralized", Centralized)
 
 
 @hookimpl

@@ -65,7 +65,8 @@ class KDAggregator(Aggregator):
         probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
         cfg = self.config
         self.excluded = []
-        class_aware = cfg.weighting == "class_aware" and cfg.robust != "none"
+        self.weighting = self._effective_weighting(replies)
+        class_aware = self.weighting == "class_aware" and cfg.robust != "none"
         voters = self._class_holders(replies, probs.shape[-1]) if class_aware else None
         if cfg.robust in ("median", "trimmed_mean"):
             q = _robust_mean(probs, voters, cfg.robust, cfg.trim_fraction)
@@ -79,6 +80,15 @@ class KDAggregator(Aggregator):
             q = (weights * probs[keep]).sum(axis=0) / np.maximum(weights.sum(axis=0), 1e-12)
         q = np.maximum(q, 0.0)
         return (q / q.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+    def _effective_weighting(self, replies: Sequence[ClientReply]) -> str:
+        """The configured weighting, or uniform when every client withheld what it needs (as under DP)."""
+        kind = self.config.weighting
+        if kind == "class_aware" and all(r.class_counts is None for r in replies):
+            return "uniform"
+        if kind == "samples" and all(r.num_samples <= 0 for r in replies):
+            return "uniform"
+        return kind
 
     def _class_holders(self, replies: Sequence[ClientReply], num_classes: int) -> np.ndarray:
         """[K, C] True where client k holds class c (everyone, for a class nobody holds).
@@ -105,7 +115,7 @@ class KDAggregator(Aggregator):
     def _weights(self, replies: Sequence[ClientReply], probs: np.ndarray, cap_counts: bool = False) -> np.ndarray:
         """Weights broadcastable to ``probs`` [K, N, C]."""
         num_clients, _, num_classes = probs.shape
-        kind = self.config.weighting
+        kind = getattr(self, "weighting", self.config.weighting)
         if kind == "uniform":
             return np.ones((num_clients, 1, 1))
         if kind == "samples":

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmmkt_core.context import RunContext
+from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm
 from fedmmkt_core.recipe import Recipe
@@ -35,10 +35,10 @@ class FedAvg(Algorithm):
                 ]
         return []
 
-    def setup(self, ctx: RunContext) -> None:
+    def setup(self, ctx: ServerContext) -> None:
         self.global_weights = ctx.build_client_model(0).get_weights()
 
-    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         down = with_prefix(self.global_weights)
         messages = {
             k: Message("fit", {"seed": ctx.seed_for("fit", round_index, k), "return_weights": True}, down)
@@ -69,7 +69,7 @@ class FedAvg(Algorithm):
         if int(reply.config.get("num_samples", 0)) <= 0:
             raise MessageError("num_samples must be positive")
 
-    def evaluate(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         return ctx.evaluate_clients(with_prefix(self.global_weights))
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

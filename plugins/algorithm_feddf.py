@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Literal
+
+from pydantic import Field
+
 from fedmmkt_core.wire import Message
 
 from .aggregator_kd import softmax
-from .algorithm_fedmmkt import FedMMKT
+from .algorithm_fedmmkt import FedMMKT, FedMMKTConfig
+
+
+class FedDFConfig(FedMMKTConfig):
+    client_targets: Literal["ensemble"] = Field(
+        "ensemble", description="FedDF distils the clients' ensemble only: no server knowledge in the targets"
+    )
 
 
 class FedDF(FedMMKT):
     """Frozen generator; soft labels = softmax of the clients' mean logits (the recipe's aggregator is unused)."""
 
+    Config = FedDFConfig
+    config: FedDFConfig
     update_generator = False
     distill_on_replay = False  # FedDF distils on each round's fresh transfer set
 

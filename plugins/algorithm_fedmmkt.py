@@ -14,11 +14,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from fedmmkt_core.context import RunContext
+from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.runner import cache_dir
+from fedmmkt_core.seeding import derive_seed
 from fedmmkt_core.wire import Message, MessageError
 
 from .aggregator_kd import KDAggregator
@@ -46,6 +47,17 @@ class FedMMKTConfig(ComponentConfig):
         description="synthetic pairs of earlier rounds kept with their soft labels: the generator is fine-tuned "
         "on them again and the clients distil on all of them (a growing, diverse set keeps the generator from "
         "collapsing onto a few aligned samples); 0 = only the last round's set",
+    )
+    client_targets: Literal["ensemble", "prompt", "agreed"] = Field(
+        "agreed",
+        description="what clients distil on the synthetic set: 'ensemble' the federation's soft labels q_j "
+        "(FedDF's target); 'prompt' mixes in the class c_j each image was generated for, on every image; "
+        "'agreed' mixes it in only where the federation agrees the image shows c_j (its top class is c_j) or "
+        "where no reporting client holds c_j (so the ensemble cannot know it): the server's knowledge of what "
+        "it asked for, trusted where nothing contradicts it",
+    )
+    prompt_weight: float = Field(
+        1.0, ge=0, le=1, description="β: a trusted image's target is (1-β)·q_j + β·onehot(c_j)"
     )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, description="images per class for CAS / Fréchet distance")
@@ -82,7 +94,7 @@ class FedMMKT(Algorithm):
         return issues
 
     # ------------------------------------------------------------------ set-up and state
-    def setup(self, ctx: RunContext) -> None:
+    def setup(self, ctx: ServerContext) -> None:
         task = ctx.task
         self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
         self.privacy = ctx.recipe.privacy
@@ -95,8 +107,8 @@ class FedMMKT(Algorithm):
         if self.config.evaluate_generator:
             from .oracle import EvaluationOracle
 
-            self.oracle = EvaluationOracle(ctx.splits.oracle, task, cache_dir(), seed=ctx.seed_for("oracle"))
-            self.reference_features = self.oracle.features(ctx.splits.test.images)
+            self.oracle = EvaluationOracle(ctx.data.oracle, task, cache_dir(), seed=ctx.seed_for("oracle"))
+            self.reference_features = self.oracle.features(ctx.data.evaluation.images)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         values: dict[str, Any] = {"initial": self.initial, "latest": self.latest}
@@ -129,7 +141,7 @@ class FedMMKT(Algorithm):
             )
 
     # ------------------------------------------------------------------ one round
-    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         cfg = self.config
         generator = ctx.generator
         assert generator is not None
@@ -154,13 +166,16 @@ class FedMMKT(Algorithm):
         )
         with ctx.phase("aggregate"):
             soft_labels = self.aggregate(round_index, replies).astype(np.float32)
+            targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
-            "train_loss": float(np.mean([float(r.config["loss"]) for r in replies.values()])),
+            **mean_train_loss(replies),
             "synthetic_images": len(images),
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
             "alignment_mean": float(np.mean(batch.alignment)),
         }
+        if self.config.client_targets != "ensemble":
+            metrics["prompt_trusted_rate"] = float(np.mean(trusted))
         excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
         if excluded:
             metrics["kd_excluded"] = list(excluded)
@@ -168,19 +183,59 @@ class FedMMKT(Algorithm):
         if self.update_generator:
             training = seen
             if not self.client_feedback:
-                # The control: identical fine-tuning, but every pair counts as aligned.
-                one_hot = np.eye(num_classes, dtype=np.float32)[seen.class_ids]
-                training = AlignmentBatch(seen.images, seen.prompts, seen.class_ids, one_hot, self.class_prompts)
+                training = self._control_batch(ctx, seen, round_index)
             with ctx.phase("generator_update"):
                 metrics.update(
                     generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
                 )
         if cfg.replay_buffer > 0:
             self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
-        self.previous = (images, soft_labels)
+        self.previous = (images, targets)
         return metrics
 
-    def _fit_message(self, ctx: RunContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
+    def distill_targets(
+        self, soft_labels: np.ndarray, class_ids: np.ndarray, replies: dict[int, Message]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The clients' distillation targets on the synthetic set and which images trusted the prompt.
+
+        The ensemble ``q`` knows what the clients know; the server knows which class each image was
+        generated for. ``agreed`` trusts the prompt where the ensemble's top class is the prompt's
+        (two independent sources agree) or where no reporting client holds the prompt's class (the
+        ensemble cannot know it; only without DP, when clients report class counts).
+        """
+        cfg = self.config
+        num_classes = soft_labels.shape[1]
+        if cfg.client_targets == "ensemble" or cfg.prompt_weight == 0:
+            return soft_labels, np.zeros(len(class_ids), bool)
+        if cfg.client_targets == "prompt":
+            trusted = np.ones(len(class_ids), bool)
+        else:
+            trusted = np.argmax(soft_labels, axis=1) == class_ids
+            counts = [r.arrays["class_counts"] for r in replies.values() if "class_counts" in r.arrays]
+            if counts:
+                held = np.sum(counts, axis=0) > 0
+                trusted |= ~held[class_ids]
+        one_hot = np.eye(num_classes, dtype=np.float32)[class_ids]
+        beta = cfg.prompt_weight * trusted[:, None].astype(np.float32)
+        return ((1 - beta) * soft_labels + beta * one_hot).astype(np.float32), trusted
+
+    def _control_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
+        """The no-feedback control's fine-tuning set: as many pairs as FedMMKT's losses would train on
+        this round (so the same number of steps on the same number of pairs), drawn uniformly at
+        random, every one counted as aligned. Only that count comes from the clients."""
+        active = np.zeros(len(seen), bool)
+        seed = ctx.seed_for("fine_tune", round_index)
+        for loss, weight in ctx.alignment_losses:
+            if weight != 0:
+                loss.prepare(seen, ctx.task, derive_seed(seed, "prepare", type(loss).__name__))
+                active |= np.asarray(loss.active(seen), bool)
+        rng = np.random.default_rng(ctx.seed_for("control", round_index))
+        chosen = np.sort(rng.choice(len(seen), size=int(active.sum()), replace=False))
+        picked = seen.subset(chosen)
+        one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
+        return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
+
+    def _fit_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
         cfg = self.config
         config = {
             "seed": ctx.seed_for("fit", round_index, client_id),
@@ -202,6 +257,8 @@ class FedMMKT(Algorithm):
         bound = MAX_ABS_LOGIT + (8 * self.privacy.noise_std(count) if self.privacy is not None else 0.0)
         if largest > bound:
             raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
+        if self.privacy is not None:  # under DP clients withhold counts (they would escape ε)
+            return
         counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
         if (counts < 0).any():
             raise MessageError("class_counts must not be negative")
@@ -214,15 +271,15 @@ class FedMMKT(Algorithm):
             ClientReply(
                 client_id=k,
                 logits=reply.arrays["logits"].astype(np.float32),
-                num_samples=int(reply.config["num_samples"]),
-                class_counts=reply.arrays["class_counts"],
+                num_samples=int(reply.config.get("num_samples", 0)),  # 0 and None: withheld under DP
+                class_counts=reply.arrays.get("class_counts"),
             )
             for k, reply in sorted(replies.items())
         ]
         return self.aggregator.aggregate(round_index, client_replies)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         metrics = ctx.evaluate_clients()
         if self.oracle is not None and self.initial is not None:
             if self.update_generator:
@@ -237,7 +294,7 @@ class FedMMKT(Algorithm):
             )
         return metrics
 
-    def _generator_metrics(self, ctx: RunContext, rounds_done: int) -> dict[str, float]:
+    def _generator_metrics(self, ctx: ServerContext, rounds_done: int) -> dict[str, float]:
         """CAS and Fréchet distance on a fixed evaluation set (same prompts and seeds every round)."""
         from .oracle import frechet_distance
         from .sample_grid import save_sample_grid
@@ -254,6 +311,12 @@ class FedMMKT(Algorithm):
             ctx.run_dir.root / "samples" / f"round_{rounds_done:03d}.png", images, class_ids, cfg.grid_columns
         )
         return {"cas": cas, "fid": fid}
+
+
+def mean_train_loss(replies: dict[int, Message]) -> dict[str, float]:
+    """``train_loss``: the clients' mean reported loss (absent when every client withheld it, as under DP)."""
+    losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
+    return {"train_loss": float(np.mean(losses))} if losses else {}
 
 
 def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:

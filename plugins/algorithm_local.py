@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from fedmmkt_core.context import RunContext
+from fedmmkt_core.context import ServerContext
 from fedmmkt_core.interfaces import Algorithm
 from fedmmkt_core.wire import Message
+
+from .algorithm_fedmmkt import mean_train_loss
 
 
 class LocalOnly(Algorithm):
     """Each sampled client runs its local update; no knowledge crosses the wire."""
 
-    def run_round(self, ctx: RunContext, round_index: int) -> dict[str, Any]:
+    def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         messages = {k: Message("fit", {"seed": ctx.seed_for("fit", round_index, k)}) for k in ctx.sampled}
         replies = ctx.exchange("fit", messages, expect="fit_reply")
-        return {"train_loss": float(np.mean([float(r.config["loss"]) for r in replies.values()]))}
+        return mean_train_loss(replies)

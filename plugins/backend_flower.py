@@ -43,7 +43,7 @@ from fedmmkt_core.paths import InputPath
 from fedmmkt_core.wire import DEFAULT_MAX_BYTES, Message
 
 if TYPE_CHECKING:
-    from fedmmkt_core.context import RunContext
+    from fedmmkt_core.context import ServerContext
     from fedmmkt_core.recipe import Recipe
     from fedmmkt_core.runner import Runner
 
@@ -175,7 +175,7 @@ class FlowerBackend(Backend):
         return _launch_deployment(self.config, runner)
 
     # -------------------------------------------------------------------- in the ServerApp
-    def start(self, ctx: RunContext) -> None:
+    def start(self, ctx: ServerContext) -> None:
         if _Hosted.grid is None:
             raise UserError("the flower backend runs inside Flower's ServerApp: start it with `fedmmkt run`")
         self.ctx = ctx
@@ -376,9 +376,8 @@ WEIGHTS_STATE = "fedmmkt.weights"
 def _client_reply(message: Any, context: Any) -> Message:
     from safetensors.numpy import load, save
 
-    from fedmmkt_core.context import RunContext
+    from fedmmkt_core.client import ClientFactory
     from fedmmkt_core.recipe import parse_recipe
-    from fedmmkt_core.runner import load_data
 
     limit = int(context.run_config.get("max-message-bytes", DEFAULT_MAX_BYTES))
     request = from_records(message.content, limit)
@@ -394,9 +393,8 @@ def _client_reply(message: Any, context: Any) -> Message:
         raise UserError(f"SuperNode has num-partitions={declared}, the recipe has {recipe.num_clients} clients")
     if request.type == "hello":
         return Message("hello_reply", {"client_id": client_id})
-    splits, partitions = load_data(recipe)  # the public dataset file; only this client's partition is used
-    ctx = RunContext(recipe, None, splits, partitions)  # type: ignore[arg-type]
-    runtime = ctx.client_runtime(client_id)
+    secret = node_config.get("client-secret")  # the node's own DP randomness (see ClientRuntime.noise_rng)
+    runtime = ClientFactory(recipe, secret=str(secret) if secret is not None else None).build(client_id)
     stored = context.state.array_records.get(WEIGHTS_STATE)
     if stored is not None:
         runtime.model.set_weights(load(bytes(stored["weights"].data)))

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 
 from pydantic import Field
 
-from fedmmkt_core.client import ClientRuntime, ClientStateStore
-from fedmmkt_core.context import RunContext
+from fedmmkt_core.client import ClientFactory, ClientRuntime, ClientStateStore
+from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import ClientFailure
 from fedmmkt_core.faults import ClientDropout
 from fedmmkt_core.interfaces import Backend, ComponentConfig
@@ -32,8 +32,9 @@ class InProcessBackend(Backend):
     Config = InProcessConfig
     config: InProcessConfig
 
-    def start(self, ctx: RunContext) -> None:
+    def start(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        self._clients = ClientFactory(ctx.recipe)  # the simulated clients' side: never handed to the server
         self.store = ClientStateStore(ctx.run_dir.client_state_dir)
         self.store.discard_from(ctx.rounds_completed_at_start)
         self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
@@ -41,7 +42,7 @@ class InProcessBackend(Backend):
     def _runtime(self, client_id: int, round_index: int) -> ClientRuntime:
         runtime = self.resident.pop(client_id, None)
         if runtime is None:
-            runtime = self.ctx.client_runtime(client_id)
+            runtime = self._clients.build(client_id)
             weights = self.store.load(client_id, up_to_round=round_index)
             if weights is not None:
                 runtime.model.set_weights(weights)

@@ -16,16 +16,62 @@ from fedmmkt_core.runner import Runner
 def test_rows_are_clipped_to_the_norm_and_noise_has_the_stated_std():
     logits = np.array([[3.0, 4.0], [0.3, 0.4]], dtype=np.float32)  # norms 5 and 0.5
     tiny_noise = SoftLabelPrivacy(clip_norm=1.0, noise_multiplier=1e-9)
-    clipped = tiny_noise.privatize(logits, seed=0, client_id=0)
+    clipped = tiny_noise.privatize(logits, np.random.default_rng(0))
     np.testing.assert_allclose(clipped, [[0.6, 0.8], [0.3, 0.4]], atol=1e-6)
 
     spec = SoftLabelPrivacy(clip_norm=2.0, noise_multiplier=0.5)
     assert spec.noise_std(100) == pytest.approx(0.5 * 2 * 2.0 * 10)  # z * 2C * sqrt(n)
     zeros = np.zeros((100, 400), dtype=np.float32)
-    noise = spec.privatize(zeros, seed=3, client_id=1)
+    noise = spec.privatize(zeros, np.random.default_rng(3))
     assert noise.std() == pytest.approx(20.0, rel=0.02)
-    np.testing.assert_array_equal(noise, spec.privatize(zeros, seed=3, client_id=1))  # seeded
-    assert not np.array_equal(noise, spec.privatize(zeros, seed=3, client_id=2))  # per client
+    np.testing.assert_array_equal(noise, spec.privatize(zeros, np.random.default_rng(3)))  # from the rng alone
+
+
+def _runtime(secret, client_id=1):
+    """A client runtime whose model predicts zeros, so its upload is exactly the noise."""
+    from fedmmkt_core.client import ClientRuntime
+    from fedmmkt_core.data import ImageSet, TaskSpec
+
+    class Zeros:
+        def predict_logits(self, images):
+            return np.zeros((len(images), 3), np.float32)
+
+    task = TaskSpec(("a", "b", "c"), image_size=8, channels=1)
+    data = ImageSet(np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 1, 2, 0]))
+    privacy = SoftLabelPrivacy(noise_multiplier=1.0)
+    return ClientRuntime(client_id, Zeros(), data, data, task, privacy=privacy, secret=secret)
+
+
+def _upload(runtime, seed=17):
+    from fedmmkt_core.wire import Message
+
+    images = np.zeros((5, 8, 8, 1), np.uint8)
+    reply = runtime.handle(Message("predict", {"seed": seed, "logits_dtype": "float32"}, {"images": images}))
+    return reply
+
+
+def test_dp_noise_comes_from_the_client_alone():
+    """The server knows the recipe seed, the round's message seed and the client id; none of them,
+    alone or in the derivation the toolkit used before, regenerates the noise."""
+    from fedmmkt_core.seeding import derive_seed
+
+    spec = SoftLabelPrivacy(noise_multiplier=1.0)
+    reply = _upload(_runtime(secret=None))
+    noise = reply.arrays["logits"]
+    assert set(reply.arrays) == {"logits"} and reply.config == {}  # counts and sample count withheld
+    server_guesses = [derive_seed(17, "dp-noise", 1), 17, 1, derive_seed(0, "dp-noise", 1), 0]
+    for guess in server_guesses:
+        regenerated = spec.privatize(np.zeros((5, 3)), np.random.default_rng(guess))
+        assert not np.allclose(regenerated, noise)
+    assert not np.array_equal(noise, _upload(_runtime(secret=None)).arrays["logits"])  # OS entropy: never twice
+
+
+def test_a_client_secret_makes_dp_noise_reproducible_for_that_client_only():
+    first = _upload(_runtime(secret="site-1-secret")).arrays["logits"]
+    np.testing.assert_array_equal(first, _upload(_runtime(secret="site-1-secret")).arrays["logits"])
+    assert not np.array_equal(first, _upload(_runtime(secret="another")).arrays["logits"])
+    assert not np.array_equal(first, _upload(_runtime(secret="site-1-secret", client_id=2)).arrays["logits"])
+    assert not np.array_equal(first, _upload(_runtime(secret="site-1-secret"), seed=18).arrays["logits"])
 
 
 def test_epsilon_comes_from_the_rdp_accountant_and_grows_with_rounds():
@@ -56,3 +102,18 @@ def test_fedmmkt_run_with_privacy_reports_epsilon_per_round(tmp_path):
     assert [row["privacy_epsilon"] for row in rows] == pytest.approx([spec.epsilon(t) for t in (1, 2, 3)])
     assert summary["privacy_epsilon"] == pytest.approx(spec.epsilon(3))
     assert all(not row["failures"] for row in rows)  # noisy logits are still valid uploads
+    assert all("train_loss" not in row for row in rows)  # losses are withheld under DP
+
+
+def test_two_dp_runs_differ_unless_the_client_secret_fixes_the_noise(tmp_path, monkeypatch):
+    recipe = parse_recipe(RECIPE + "privacy: {noise_multiplier: 1.0}\n")
+
+    def alignment(name):
+        Runner(recipe, tmp_path / name).run()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["alignment_mean"] for line in lines]
+
+    monkeypatch.delenv("FEDMMKT_CLIENT_SECRET", raising=False)
+    assert alignment("a") != alignment("b")
+    monkeypatch.setenv("FEDMMKT_CLIENT_SECRET", "shared-by-the-experimenter")
+    assert alignment("c") == alignment("d")

@@ -1,0 +1,133 @@
+"""What moves client accuracy and CAS, measured on the validation split (never the test split).
+
+    python -m benchmarks ablations [--recipe examples/digits.yaml] [--alphas 0.1 0.5] [--seeds 0 1]
+                                   [--client-sets heterogeneous] [--variants NAME ...] [--rounds 5]
+
+Every variant is the recipe's FedMMKT with one setting changed (``feddf`` is the baseline it must
+beat); every run evaluates clients, CAS reference and Fréchet distance on ``data.evaluate_on:
+validation``, a split carved from the clients' side. The defaults in ``examples/*.yaml`` and
+``FedMMKTConfig`` were chosen from this file; the test split only reports (``benchmarks quality``).
+Finished runs are saved at once: a killed benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .quality import CLIENT_SETS, overrides_for
+
+VARIANTS: dict[str, list[str]] = {
+    "fedmmkt": [],
+    "feddf": ["algorithm.name=feddf"],
+    "targets=ensemble": ["algorithm.params.client_targets=ensemble"],
+    "targets=prompt": ["algorithm.params.client_targets=prompt"],
+    "targets=agreed": ["algorithm.params.client_targets=agreed", "algorithm.params.prompt_weight=1.0"],
+    "targets=agreed,beta=0.5": ["algorithm.params.client_targets=agreed", "algorithm.params.prompt_weight=0.5"],
+    "aggregator=uniform": ["aggregator.params.weighting=uniform"],
+    "aggregator=class_aware": ["aggregator.params.weighting=class_aware"],
+    "base_fraction=0": ["algorithm.params.base_fraction=0.0"],
+    "base_fraction=1": ["algorithm.params.base_fraction=1.0"],
+    "kd_weight=2": ["algorithm.params.kd_weight=2.0"],
+    "kd_temperature=3": ["algorithm.params.kd_temperature=3.0", "aggregator.params.temperature=3.0"],
+}
+METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+
+
+def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, variant: str, rounds: int, out: Path):
+    from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.runner import Runner
+
+    overrides = overrides_for(client_set, alpha, seed, "fedmmkt", rounds, recipe_path)
+    overrides += ["data.evaluate_on=validation", *VARIANTS[variant]]
+    if variant == "feddf":  # FedDF takes FedMMKT's transfer-set settings, not its server-knowledge targets
+        overrides += ["algorithm.params.client_targets=ensemble"]
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = out / f"{recipe_path.stem}-{client_set}-a{alpha}-s{seed}-{variant.replace('=', '_').replace(',', '_')}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    summary = Runner(recipe, run_dir).run()
+    return {
+        "client_set": client_set, "alpha": alpha, "seed": seed, "variant": variant, "overrides": overrides,
+        "process_seconds": time.perf_counter() - start, **{k: summary[k] for k in METRICS if k in summary},
+    }  # fmt: skip
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["client_set"], run["alpha"], run["variant"]), []).append(run)
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    table = []
+    for (client_set, alpha, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]])):
+        row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "variant": variant,
+                               "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
+        for key in METRICS:
+            values = [m[key] for m in members if key in m]
+            if values:
+                row[key] = spread(values)
+        table.append(row)
+    return table
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    def cell(row: dict, key: str) -> str:
+        return f"{row[key]['mean']:.3f}±{row[key]['std']:.3f}" if key in row else "-"
+
+    print(f"{'clients':14} {'α':>4} {'variant':26} {'val acc':>12} {'val min':>12} {'CAS':>12} {'seeds':>6}")
+    for row in table:
+        print(
+            f"{row['client_set']:14} {row['alpha']:>4} {row['variant']:26} {cell(row, 'client_accuracy_mean'):>12} "
+            f"{cell(row, 'client_accuracy_min'):>12} {cell(row, 'generator_cas'):>12} {len(row['seeds']):>6}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks ablations", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--recipe", type=Path, default=Path("examples/digits.yaml"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
+    parser.add_argument("--client-sets", nargs="+", default=["heterogeneous"], choices=list(CLIENT_SETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-ablations"))
+    parser.add_argument("--results", type=Path, default=None, help="default: results/ablations-<recipe>.json")
+    args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
+    result_file = args.results or RESULTS / f"ablations-{args.recipe.stem}.json"
+    setting = {"recipe": str(args.recipe), "rounds": args.rounds, "torch_threads": threads, "split": "validation"}
+    previous = json.loads(result_file.read_text()) if result_file.exists() else {}
+    runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    done = {(r["client_set"], r["alpha"], r["seed"], r["variant"]) for r in runs}
+    cells = [(c, a, s, v) for c in args.client_sets for a in args.alphas for s in args.seeds for v in args.variants]
+    todo = [cell for cell in cells if cell not in done]
+    command = f"python -m benchmarks ablations --recipe {args.recipe} --rounds {args.rounds}"
+
+    def save() -> None:
+        atomic_write_json(result_file, {"setting": setting, "command": command, "machine": machine(), "runs": runs,
+                                        "table": summarize(runs)})  # fmt: skip
+
+    print(f"{len(cells)} cells, {len(todo)} to run", flush=True)
+    for index, (client_set, alpha, seed, variant) in enumerate(todo, 1):
+        print(f"[{index}/{len(todo)}] {client_set} α={alpha} seed={seed} {variant} ...", flush=True)
+        result = run_variant(args.recipe, client_set, alpha, seed, variant, args.rounds, args.out)
+        print(f"    val acc {result['client_accuracy_mean']:.3f}  CAS {result.get('generator_cas', '-')}"
+              f"  {result['process_seconds']:.0f} s", flush=True)  # fmt: skip
+        runs.append(result)
+        save()
+    save()
+    print_table(summarize(runs))
+    print(f"wrote {result_file}")
+
+
+if __name__ == "__main__":
+    main()
