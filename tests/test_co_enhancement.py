@@ -1,0 +1,160 @@
+"""Server knowledge to the clients, the step-matched control, the upper bounds and the server's own public data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fedmmkt_plugins.algorithm_fedmmkt import FedMMKT
+from fedmmkt_plugins.dataset_typeset_digits import TypesetDigitsDataset
+from test_fedmmkt import RECIPE
+
+from fedmmkt_core.errors import DataError
+from fedmmkt_core.loading import load_server_data
+from fedmmkt_core.recipe import parse_recipe
+from fedmmkt_core.runner import Runner
+from fedmmkt_core.wire import Message
+
+
+def _algorithm(**params) -> FedMMKT:
+    return FedMMKT(FedMMKT.Config(**params))
+
+
+def _reply(counts) -> Message:
+    return Message("fit_reply", {}, {"class_counts": np.array(counts, np.int64)})
+
+
+SOFT = np.array(
+    [
+        [0.7, 0.2, 0.1],  # prompt 0, ensemble agrees
+        [0.6, 0.3, 0.1],  # prompt 1, ensemble says 0
+        [0.4, 0.4, 0.2],  # prompt 2, nobody holds class 2
+    ],
+    np.float32,
+)
+PROMPTS = np.array([0, 1, 2])
+
+
+def test_ensemble_targets_are_the_soft_labels():
+    targets, trusted = _algorithm(client_targets="ensemble").distill_targets(SOFT, PROMPTS, {0: _reply([5, 5, 0])})
+    np.testing.assert_array_equal(targets, SOFT)
+    assert not trusted.any()
+
+
+def test_agreed_targets_trust_the_prompt_where_the_ensemble_agrees_or_cannot_know():
+    algorithm = _algorithm(client_targets="agreed", prompt_weight=0.5)
+    targets, trusted = algorithm.distill_targets(SOFT, PROMPTS, {0: _reply([5, 5, 0]), 1: _reply([1, 0, 0])})
+    assert trusted.tolist() == [True, False, True]
+    np.testing.assert_allclose(targets[0], [0.85, 0.1, 0.05])  # 0.5·q + 0.5·onehot(0)
+    np.testing.assert_allclose(targets[1], SOFT[1])  # contradicted: the ensemble's own label
+    np.testing.assert_allclose(targets[2], [0.2, 0.2, 0.6])
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    # Without class counts (withheld under DP) only agreement can trust a prompt.
+    _, trusted = algorithm.distill_targets(SOFT, PROMPTS, {0: Message("fit_reply", {}, {})})
+    assert trusted.tolist() == [True, False, False]
+
+
+def test_prompt_targets_trust_every_prompt():
+    targets, trusted = _algorithm(client_targets="prompt", prompt_weight=1.0).distill_targets(SOFT, PROMPTS, {})
+    np.testing.assert_array_equal(targets, np.eye(3, dtype=np.float32))
+    assert trusted.all()
+
+
+def test_feddf_cannot_take_server_knowledge():
+    from fedmmkt_core.errors import RecipeError
+
+    recipe = RECIPE.replace("name: fedmmkt, params: {", "name: feddf, params: {client_targets: agreed, ")
+    with pytest.raises(RecipeError, match="client_targets"):
+        parse_recipe(recipe)
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_no_feedback_control_fine_tunes_on_as_many_pairs_as_fedmmkt_keeps():
+    """FedMMKT's loss keeps the 4 pairs the clients agree with; the control draws 4 pairs at random,
+    all counted as aligned, so the generator runs the same steps on the same number of pairs."""
+    from types import SimpleNamespace
+
+    from fedmmkt_plugins.algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
+    from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
+
+    from fedmmkt_core.data import TaskSpec
+    from fedmmkt_core.interfaces import AlignmentBatch
+    from fedmmkt_core.seeding import derive_seed
+
+    task = TaskSpec(("a", "b", "c"), image_size=8, channels=1)
+    class_ids = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    soft = np.full((10, 3), 0.1, np.float32)
+    soft[np.arange(10), (class_ids + 1) % 3] = 0.8  # the clients see another class...
+    soft[[0, 4, 5, 9]] = np.eye(3, dtype=np.float32)[class_ids[[0, 4, 5, 9]]] * 0.7 + 0.1  # ...except on 4 pairs
+    prompts = [task.prompt(c) for c in range(3)]
+    images = np.arange(10, dtype=np.uint8).repeat(64).reshape(10, 8, 8, 1)  # image j is all j
+    seen = AlignmentBatch(images, [prompts[c] for c in class_ids], class_ids, soft, prompts)
+    loss = WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.5))
+    assert loss.active(seen).sum() == 4
+    ctx = SimpleNamespace(alignment_losses=[(loss, 1.0)], task=task, seed_for=lambda *keys: derive_seed(5, *keys))
+    control = FedMMKTNoFeedback(FedMMKTNoFeedback.Config())
+    control.class_prompts = prompts
+    batch = control._control_batch(ctx, seen, round_index=2)
+    assert len(batch) == 4 and loss.active(batch).all()
+    np.testing.assert_array_equal(batch.soft_labels, np.eye(3, dtype=np.float32)[batch.class_ids])
+    chosen = batch.images[:, 0, 0, 0]
+    np.testing.assert_array_equal(batch.class_ids, class_ids[chosen])  # real pairs of the set, prompts kept
+    np.testing.assert_array_equal(chosen, control._control_batch(ctx, seen, round_index=2).images[:, 0, 0, 0])
+
+
+def test_centralized_is_the_pooled_upper_bound_and_moves_no_bytes(tmp_path):
+    recipe = parse_recipe(RECIPE.replace("name: fedmmkt,", "name: centralized,"))
+    summary = Runner(recipe, tmp_path / "run").run()
+    rows = _rows(tmp_path / "run")
+    assert summary["bytes_up_per_client_round"] == 0 and summary["bytes_down_per_client_round"] == 0
+    assert rows[-1]["client_accuracy_mean"] > 0.5  # three identical CNNs on the pooled data
+    assert len(set(rows[-1]["client_accuracy"].values())) == 1  # one model per architecture
+    assert rows[0]["generator_pool"] == len(load_data_train(recipe))  # the pooled real images
+    assert "generator_cas" in rows[-1]
+
+
+def load_data_train(recipe):
+    from fedmmkt_core.loading import load_data
+
+    return load_data(recipe)[0].train
+
+
+def test_typeset_digits_are_deterministic_8x8_and_captioned():
+    config = TypesetDigitsDataset.Config(per_class=6, test_fraction=0.2, oracle_fraction=0.0)
+    first = TypesetDigitsDataset(config).load(seed=3)
+    again = TypesetDigitsDataset(config).load(seed=3)
+    np.testing.assert_array_equal(first.train.images, again.train.images)
+    assert first.train.images.shape[1:] == (8, 8, 1) and first.train.images.dtype == np.uint8
+    assert len(first.train) + len(first.test) == 60
+    assert first.train.images.max() == 255 and first.train.images.min() == 0
+    assert all(c.startswith("a photo of the digit ") and c.endswith(" type") for c in first.train.captions)
+    other = TypesetDigitsDataset(config).load(seed=4)
+    assert not np.array_equal(first.train.images, other.train.images)
+
+
+def test_data_public_replaces_the_public_split_and_must_name_the_same_classes(tmp_path):
+    text = RECIPE.replace(
+        "  partitioner: {name: dirichlet, params: {alpha: 1.0}}",
+        "  partitioner: {name: dirichlet, params: {alpha: 1.0}}\n"
+        "  public: {name: typeset-digits, params: {per_class: 5, test_fraction: 0.2, oracle_fraction: 0.0}}",
+    )
+    data = load_server_data(parse_recipe(text))
+    assert len(data.public) == 50  # every image of the public dataset, whatever its own splits
+    assert data.public.captions[0].endswith("type")
+    folder = tmp_path / "shapes"
+    for name in ("circle", "square"):
+        (folder / name).mkdir(parents=True)
+        from PIL import Image
+
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / name / f"{i}.png")
+    wrong = text.replace(
+        "public: {name: typeset-digits, params: {per_class: 5, test_fraction: 0.2, oracle_fraction: 0.0}}",
+        f"public: {{name: imagefolder, params: {{root: {folder}, test_fraction: 0.3, oracle_fraction: 0.0}}}}",
+    )
+    with pytest.raises(DataError, match="data.public .* has classes .* the clients' dataset has"):
+        load_server_data(parse_recipe(wrong))
