@@ -42,7 +42,8 @@ def font_folder() -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("matplotlib", 'typeset-digits renders matplotlib\'s fonts: pip install "fedmmkt[plots]"') from None
+        hint = 'typeset-digits renders the fonts matplotlib ships: pip install "fedmmkt[plots]"'
+        raise MissingDependencyError("matplotlib", hint) from None
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
