@@ -13,6 +13,7 @@ import sys
 BENCHMARKS = {
     "quality": "benchmarks.quality",
     "ablations": "benchmarks.ablations",
+    "grids": "benchmarks.grids",
     "cost": "benchmarks.cost",
     "scale": "benchmarks.scale",
     "profile": "benchmarks.profile",
