@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
     for run_dir in args.runs:
-        name = json.loads((run_dir / "summary.json").read_text())["name"] if (run_dir / "summary.json").exists() else run_dir.name
+        summary = run_dir / "summary.json"
+        name = json.loads(summary.read_text())["name"] if summary.exists() else run_dir.name
         print(f"wrote {grid_figure(run_dir, RESULTS / f'grid-{name}.png')}")
 
 
