@@ -73,14 +73,16 @@ def overrides_for(
     ]
 
 
-def run_cell(client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, out: Path) -> dict[str, Any]:
+def run_cell(
+    client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, out: Path, recipe_path: Path = RECIPE
+) -> dict[str, Any]:
     from fedmmkt_core.recipe import load_recipe
     from fedmmkt_core.rundir import RunDirectory
     from fedmmkt_core.runner import Runner
 
-    overrides = overrides_for(client_set, alpha, seed, algorithm, rounds)
-    recipe = load_recipe(RECIPE, overrides)
-    run_dir = out / f"{client_set}-a{alpha}-s{seed}-{algorithm}"
+    overrides = overrides_for(client_set, alpha, seed, algorithm, rounds, recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
+    run_dir = out / f"{recipe_path.stem}-{client_set}-a{alpha}-s{seed}-{algorithm}"
     if run_dir.exists():
         import shutil
 
@@ -137,6 +139,7 @@ def print_table(table: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="results go to results/quality-<stem>.json")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
     parser.add_argument(
-        "--results", type=Path, default=RESULT_FILE,
+        "--results", type=Path, default=None,
         help="results file (a second worker on other cells writes its own; merge with --merge-from)",
     )  # fmt: skip
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[], help="add these files' runs first")
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
 
-    setting = {"recipe": str(RECIPE), "rounds": args.rounds, "torch_threads": threads}
-    result_file: Path = args.results
+    setting = {"recipe": str(args.recipe), "rounds": args.rounds, "torch_threads": threads}
+    result_file: Path = args.results or RESULTS / f"quality-{args.recipe.stem}.json"
     previous = json.loads(result_file.read_text()) if result_file.exists() and not args.fresh else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
     for other in args.merge_from:  # runs another worker measured with the same setting
@@ -164,16 +167,17 @@ def main(argv: list[str] | None = None) -> None:
         known = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
         runs += [r for r in data["runs"] if (r["client_set"], r["alpha"], r["seed"], r["algorithm"]) not in known]
     done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
-    cells = [
+    cells = [  # seed-major: a matrix cut short still has every cell for the first seeds
         (client_set, alpha, seed, algorithm)
+        for seed in args.seeds
         for client_set in args.client_sets
         for alpha in args.alphas
-        for seed in args.seeds
         for algorithm in args.algorithms
         if valid(algorithm, client_set)
     ]
     command = "python -m benchmarks quality " + " ".join(
-        [f"--rounds {args.rounds}", "--seeds", *map(str, args.seeds), "--alphas", *map(str, args.alphas)]
+        [f"--recipe {args.recipe}", f"--rounds {args.rounds}", "--seeds", *map(str, args.seeds),
+         "--alphas", *map(str, args.alphas)]
         + (["--threads", str(args.threads)] if args.threads else [])
     )
 
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already measured, {len(todo)} to run", flush=True)
     for index, (client_set, alpha, seed, algorithm) in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {client_set} α={alpha} seed={seed} {algorithm} ...", flush=True)
-        result = run_cell(client_set, alpha, seed, algorithm, args.rounds, args.out)
+        result = run_cell(client_set, alpha, seed, algorithm, args.rounds, args.out, args.recipe)
         print(
             f"    acc {result.get('client_accuracy_mean', float('nan')):.3f}  CAS {result.get('generator_cas', '-')}"
             f"  {result['process_seconds']:.0f} s",
