@@ -27,6 +27,16 @@ NAMES = {
     "fedmmkt-frozen-generator": "FedMMKT, frozen generator",
     "fedmmkt-no-feedback": "FedMMKT, no feedback (control)",
     "fedmmkt": "**FedMMKT**",
+    "centralized": "centralized (upper bound: pooled data)",
+}
+RECIPE_TEXT = {
+    "examples/digits.yaml": (
+        "The demo recipe (`examples/digits.yaml`: the server's public split is 70% inverted digits)"
+    ),
+    "examples/digits-typeset.yaml": (
+        "The public-domain recipe (`examples/digits-typeset.yaml`: the server pre-trains on *typeset* digits "
+        "rendered from fonts, the clients hold handwritten ones)"
+    ),
 }
 
 
@@ -59,16 +69,43 @@ def machine_line(data: dict[str, Any]) -> str:
     )
 
 
-def quality_section(data: dict[str, Any] | None) -> list[str]:
-    lines = ["### Quality: every algorithm × client set × Dirichlet α × seed", ""]
+def margins(rows: list[dict[str, Any]]) -> str:
+    """FedMMKT's margins over FedDF and the control, and its gaps to the upper bounds (points)."""
+    by = {r["algorithm"]: r for r in rows}
+
+    def mean(algorithm: str, key: str) -> float | None:
+        stat = by.get(algorithm, {}).get(key)
+        return stat["mean"] * 100 if stat else None
+
+    parts = []
+    pairs = [
+        ("client acc. FedMMKT − FedDF", "fedmmkt", "feddf", "client_accuracy_mean"),
+        ("FedMMKT − frozen generator", "fedmmkt", "fedmmkt-frozen-generator", "client_accuracy_mean"),
+        ("centralized − FedMMKT", "centralized", "fedmmkt", "client_accuracy_mean"),
+        ("CAS FedMMKT − control", "fedmmkt", "fedmmkt-no-feedback", "generator_cas"),
+        ("CAS FedMMKT − start", "fedmmkt", "fedmmkt", "generator_cas_initial"),
+        ("CAS ceiling − FedMMKT", "centralized", "fedmmkt", "generator_cas"),
+    ]
+    for label, first, second, key in pairs:
+        a = mean(first, "generator_cas" if label == "CAS FedMMKT − start" else key)
+        b = mean(second, key)
+        if a is not None and b is not None:
+            parts.append(f"{label}: {a - b:+.1f}")
+    return ("Points: " + "; ".join(parts) + ".") if parts else ""
+
+
+def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.json") -> list[str]:
+    recipe = data["setting"]["recipe"] if data else "examples/digits.yaml"
+    title = "every algorithm × client set × Dirichlet α × seed"
+    lines = [f"### Quality ({Path(recipe).stem}): {title}", ""]
     if data is None:
-        return [*lines, "Not measured yet: `python -m benchmarks quality`.", ""]
+        return [*lines, f"Not measured yet: `python -m benchmarks quality --recipe {recipe}`.", ""]
     setting = data["setting"]
     seeds = sorted({r["seed"] for r in data["runs"]})
     lines += [
-        f"`{data['command']}` → `benchmarks/results/quality-digits.json` ({machine_line(data)}).",
-        f"The demo recipe (`{setting['recipe']}`) cut to {setting['rounds']} rounds so the matrix fits in about "
-        "two hours; 6 clients, 500 synthetic pairs per round. Heterogeneous = the demo's 3 ResNets + 3 ViTs; "
+        f"`{data['command']}` → `benchmarks/results/{file}` ({machine_line(data)}).",
+        f"{RECIPE_TEXT.get(recipe, f'`{recipe}`')} cut to {setting['rounds']} rounds; "
+        "6 clients, 500 synthetic pairs per round. Heterogeneous = the demo's 3 ResNets + 3 ViTs; "
         "homogeneous = 6 of the same ResNet (FedAvg needs one architecture). Each cell: mean ± std over seeds "
         f"{', '.join(map(str, seeds))} (different splits, partitions, client initialisations and pre-trained "
         "generators) of the last round's figures; CAS is the generator's classification accuracy score under "
@@ -103,8 +140,32 @@ def quality_section(data: dict[str, Any] | None) -> list[str]:
                     f"| {NAMES.get(row['algorithm'], row['algorithm'])} | {pm(row.get('client_accuracy_mean'))} | "
                     f"{pm(row.get('client_accuracy_min'))} | {cas} | {up} | {len(row['seeds'])} |"
                 )
-            lines.append("")
+            lines += ["", margins(rows), ""]
     return lines
+
+
+def ablations_section(data: dict[str, Any] | None, file: str) -> list[str]:
+    if data is None:
+        return []
+    from .ablations import summarize as summarize_ablations
+
+    recipe = data["setting"]["recipe"]
+    lines = [
+        f"### What moves the clients ({Path(recipe).stem}), on the validation split",
+        "",
+        f"`{data['command']}` → `benchmarks/results/{file}` ({machine_line(data)}). Every variant is the "
+        "recipe's FedMMKT with one setting changed, evaluated on the validation split carved from the clients' "
+        "side (`data.evaluate_on: validation`); these figures chose the defaults, the test split above only reports.",
+        "",
+        "| clients | α | variant | validation acc. mean | acc. min | generator CAS | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summarize_ablations(data["runs"]):
+        lines.append(
+            f"| {row['client_set']} | {row['alpha']} | {row['variant']} | {pm(row.get('client_accuracy_mean'))} | "
+            f"{pm(row.get('client_accuracy_min'))} | {pm(row.get('generator_cas'))} | {len(row['seeds'])} |"
+        )
+    return [*lines, ""]
 
 
 def bytes_against_fedavg(quality: dict[str, Any] | None) -> list[str]:
@@ -336,6 +397,9 @@ def render() -> str:
         "unless given as median (min–max) over repeats.",
         "",
         *quality_section(quality),
+        *quality_section(load("quality-digits-typeset.json"), "quality-digits-typeset.json"),
+        *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
+        *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, quality),
         *scale_section(load("scale-digits.json")),
         *profile_section(load("profile-digits.json")),
