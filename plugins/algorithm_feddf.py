@@ -6,10 +6,9 @@ model to average, so each client distils the ensemble on the frozen generator's 
 
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from fedmmkt_core.wire import Message

@@ -42,7 +42,9 @@ def font_folder() -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise MissingDependencyError("matplotlib", 'typeset-digits renders matplotlib\'s fonts: pip install "fedmmkt[plots]"') from None
+        raise MissingDependencyError(
+            "matplotlib", 'typeset-digits renders matplotlib\'s fonts: pip install "fedmmkt[plots]"'
+        ) from None
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
