@@ -122,6 +122,25 @@ def run(
 
 
 @app.command()
+def partition(
+    recipe: RecipeArg,
+    out_dir: Annotated[Path, typer.Argument(help="new folder: one client_K folder per client", show_default=False)],
+    set_: SetOpt = None,
+) -> None:
+    """Write each client's training share to OUT/client_K, to hand each site its own data.
+
+    Exactly the share the recipe's partitioner cuts for client K (same images, labels, order). A Flower
+    SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see README)."""
+    from fedmmkt_core.clientdata import write_partition
+
+    loaded = _guard(_load, recipe, set_)
+    folders = _guard(write_partition, loaded, out_dir)
+    for folder in folders:
+        out.print(f"{folder}")
+    out.print(f"[green]ok[/green]: {len(folders)} client folders in {out_dir}")
+
+
+@app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """List every registered implementation: kind, name, package, version."""
     from fedmmkt_core.plugins import get_registry
