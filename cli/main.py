@@ -296,23 +296,32 @@ def federation_up(
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="logs and FLWR_HOME folders (default: a temp dir)")
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="a folder written by `fedmmkt partition`: node K trains on its client_K"),
+    ] = None,
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1; stop them all on Ctrl-C.
 
-    Node k holds partition-id k. Then run a recipe on it with
+    Node k holds partition-id k (with --data, node k's node config also names data-root=DATA/client_k).
+    Then run a recipe on it with
     `fedmmkt run R --set 'backend={name: flower, params: {superlink: "127.0.0.1:PORT", insecure: true}}'`."""
     import signal
     import tempfile
     import time
 
-    from fedmmkt_plugins.backend_flower import LocalFederation
+    from fedmmkt_plugins.flower import LocalFederation
 
     if nodes is None:
-        if recipe is None:
-            _fail("give --nodes N or --recipe R")
-        nodes = _guard(_load, recipe, []).num_clients
+        if recipe is None and data is None:
+            _fail("give --nodes N, --recipe R or --data DATA")
+        if recipe is not None:
+            nodes = _guard(_load, recipe, []).num_clients
+        else:
+            assert data is not None
+            nodes = len([p for p in data.glob("client_*") if p.is_dir()])
     folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
-    federation = LocalFederation(nodes, folder, port=port or None)
+    federation = _guard(LocalFederation, nodes, folder, port=port or None, data=data)
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
