@@ -136,6 +136,18 @@ def server_app_pids(federation: LocalFederation) -> list[int]:
     return found
 
 
+def lock_free(run_dir: Path) -> bool:
+    import fcntl
+
+    with open(run_dir / "flower.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
 def rounds_checkpointed(run_dir: Path) -> int:
     try:
         return json.loads((run_dir / "checkpoints" / "state.json").read_text())["rounds_completed"]
@@ -168,6 +180,7 @@ def test_resume_after_the_server_side_is_killed_mid_run(tmp_path, federation, in
         for pid in servers:
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not [p for p in servers if alive(p)], 30, "the ServerApp to die")
+        wait_for(lambda: lock_free(out), 30, "the kernel to release the dead ServerApp's lock")
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
