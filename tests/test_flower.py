@@ -157,8 +157,9 @@ def rounds_checkpointed(run_dir: Path) -> int:
 
 def test_resume_after_the_server_side_is_killed_mid_run(tmp_path, federation, inprocess_reference):
     """SIGKILL `fedmmkt run` after round 1's checkpoint: the run goes on in its ServerApp, so --resume
-    is refused while that holds the run directory; SIGKILL the ServerApp too (the whole server side is
-    gone, mid round 2), resume against the same federation: the metrics equal an uninterrupted run's."""
+    is refused while that holds the run directory; SIGKILL the ServerApp too once a node has saved its
+    round-2 weights (the whole server side is gone mid round 2), resume against the same federation:
+    the nodes drop the stale round-2 files and the metrics equal an uninterrupted run's."""
     import subprocess
     import sys
 
@@ -177,6 +178,12 @@ def test_resume_after_the_server_side_is_killed_mid_run(tmp_path, federation, in
         assert servers, "no ServerApp process found"
         refused = cli.invoke(app, ["run", "--resume", str(out)])
         assert refused.exit_code == 2 and "still serving" in " ".join(refused.output.split()), refused.output
+        # Kill once a node has written round 2's weights: the resumed run must not start from them.
+        wait_for(
+            lambda: any(True for _ in federation.workdir.glob("state-*/*/client_*/client_*.r1.safetensors")),
+            240,
+            "a node to finish round 2's fit",
+        )
         for pid in servers:
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: not [p for p in servers if alive(p)], 30, "the ServerApp to die")
@@ -318,3 +325,72 @@ def test_federation_up_command_starts_and_stops_its_processes(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_federation_up_with_data_gives_every_node_its_own_folder(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    parts = tmp_path / "parts"
+    written = cli.invoke(app, ["partition", str(SMOKE), str(parts), "--set", "clients.0.count=1"])
+    assert written.exit_code == 0, written.output
+    exe = Path(sys.executable).parent / "fedmmkt"
+    command = [str(exe), "federation", "up", "--data", str(parts), "--port", "0", "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+        nodes = {int(k): int(pid) for k, pid in re.findall(r"supernode-(\d+): pid (\d+)", _read(log))}
+        assert sorted(nodes) == [0, 1, 2]  # one node per client folder
+        for k, pid in nodes.items():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert f"data-root={json.dumps(str(parts.resolve() / f'client_{k}'))}" in cmdline, cmdline
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert not [p for p in nodes.values() if alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_node_client_state_claims_discards_and_ignores_an_older_run(tmp_path):
+    import numpy as np
+    from fedmmkt_plugins.flower.client_app import NodeClientState
+
+    from fedmmkt_core.errors import UserError
+
+    def weights(value: float):
+        return {"w": np.full(2, value, np.float32)}
+
+    state = NodeClientState(tmp_path, "smoke-0123", 2)
+    state.claim("run-a", 0)
+    state.save("run-a", 0, weights(0))
+    state.save("run-a", 1, weights(1))  # round 2's weights; run a dies before its checkpoint
+    state.claim("run-b", 1)  # the resumed run starts at round index 1: round 2's file goes
+    assert state.load(1)["w"][0] == 0
+    state.save("run-a", 1, weights(-1))  # a ClientApp of run a still working: ignored
+    assert state.load(1)["w"][0] == 0
+    state.save("run-b", 1, weights(2))
+    state.claim("run-b", 1)  # the node restarted within run b: nothing dropped
+    assert state.load(1)["w"][0] == 2
+    assert [p.parent.name for p in tmp_path.glob("smoke-0123/*/*.safetensors")] == ["client_2", "client_2"]
+    with pytest.raises(UserError, match="not a plain name"):
+        NodeClientState(tmp_path, "../elsewhere", 2)
+
+
+def test_the_round_record_is_validated():
+    from fedmmkt_plugins.flower import to_records
+    from fedmmkt_plugins.flower.codec import ROUND_RECORD, round_from_records
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmmkt_core.wire import Message, MessageError
+
+    assert round_from_records(to_records(Message("fit", {"seed": 1}), 3, 1)) == (3, 1)
+    assert round_from_records(to_records(Message("fit", {}))) is None
+    for bad in ({"round": -1, "start-round": 0}, {"round": 1, "start-round": 2}, {"round": "1", "start-round": 0}):
+        with pytest.raises(MessageError):
+            round_from_records(RecordDict({ROUND_RECORD: ConfigRecord(bad)}))
