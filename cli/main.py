@@ -122,6 +122,25 @@ def run(
 
 
 @app.command()
+def partition(
+    recipe: RecipeArg,
+    out_dir: Annotated[Path, typer.Argument(help="new folder: one client_K folder per client", show_default=False)],
+    set_: SetOpt = None,
+) -> None:
+    """Write each client's training share to OUT/client_K, to hand each site its own data.
+
+    Exactly the share the recipe's partitioner cuts for client K (same images, labels, order). A Flower
+    SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see README)."""
+    from fedmmkt_core.clientdata import write_partition
+
+    loaded = _guard(_load, recipe, set_)
+    folders = _guard(write_partition, loaded, out_dir)
+    for folder in folders:
+        out.print(f"{folder}")
+    out.print(f"[green]ok[/green]: {len(folders)} client folders in {out_dir}")
+
+
+@app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """List every registered implementation: kind, name, package, version."""
     from fedmmkt_core.plugins import get_registry
@@ -277,23 +296,32 @@ def federation_up(
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="logs and FLWR_HOME folders (default: a temp dir)")
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="a folder written by `fedmmkt partition`: node K trains on its client_K"),
+    ] = None,
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1; stop them all on Ctrl-C.
 
-    Node k holds partition-id k. Then run a recipe on it with
+    Node k holds partition-id k (with --data, node k's node config also names data-root=DATA/client_k).
+    Then run a recipe on it with
     `fedmmkt run R --set 'backend={name: flower, params: {superlink: "127.0.0.1:PORT", insecure: true}}'`."""
     import signal
     import tempfile
     import time
 
-    from fedmmkt_plugins.backend_flower import LocalFederation
+    from fedmmkt_plugins.flower import LocalFederation
 
     if nodes is None:
-        if recipe is None:
-            _fail("give --nodes N or --recipe R")
-        nodes = _guard(_load, recipe, []).num_clients
+        if recipe is None and data is None:
+            _fail("give --nodes N, --recipe R or --data DATA")
+        if recipe is not None:
+            nodes = _guard(_load, recipe, []).num_clients
+        else:
+            assert data is not None
+            nodes = len([p for p in data.glob("client_*") if p.is_dir()])
     folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
-    federation = LocalFederation(nodes, folder, port=port or None)
+    federation = _guard(LocalFederation, nodes, folder, port=port or None, data=data)
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

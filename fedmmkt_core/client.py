@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import DistillSet, ImageSet, TaskSpec
+from .errors import DataError
 from .faults import FaultSpec
 from .interfaces import ClientModel
 from .privacy import SoftLabelPrivacy
@@ -35,6 +36,7 @@ from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
 
 if TYPE_CHECKING:
+    from .clientdata import ClientFolder
     from .recipe import Recipe
 
 # The client-side secret that makes DP noise reproducible (see ClientRuntime.noise_rng). Read by the
@@ -162,40 +164,74 @@ class ClientFactory:
     ClientApp on its node). In a simulation the recipe's one dataset is loaded on this machine and each
     client's partition cut from it (deterministic for the recipe's seed); nothing here is reachable
     from the server side of a run.
+
+    With ``data_root`` (a folder written by ``fedmmkt partition``, or a site's own data in that layout,
+    see :mod:`fedmmkt_core.clientdata`) the client trains on that folder and nothing is cut from the
+    recipe's dataset; the evaluation split still comes from the recipe's dataset (shared test data).
     """
 
-    def __init__(self, recipe: Recipe, secret: str | None = None):
+    def __init__(self, recipe: Recipe, secret: str | None = None, data_root: Path | None = None):
         self.recipe = recipe
         self.secret = secret if secret is not None else os.environ.get(CLIENT_SECRET_ENV) or None
-        self._data: tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray]] | None = None
+        self.data_root = Path(data_root) if data_root is not None else None
+        self._data: tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray] | None] | None = None
+        self._folder: ClientFolder | None = None
 
-    def _load(self) -> tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray]]:
+    def _load(self) -> tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray] | None]:
         if self._data is None:
             from .loading import evaluation_split, load_splits, partition
 
             splits = load_splits(self.recipe)
-            parts = partition(self.recipe, splits.train.labels)
+            parts = partition(self.recipe, splits.train.labels) if self.data_root is None else None
             self._data = (splits.train, evaluation_split(self.recipe, splits), splits.task, parts)
         return self._data
+
+    def folder(self) -> ClientFolder:
+        """The ``data_root`` folder as read (``ClientFolder``), checked against the recipe's task."""
+        if self._folder is None:
+            from .clientdata import read_client_folder
+
+            assert self.data_root is not None
+            folder = read_client_folder(self.data_root)
+            folder.check_task(self.task, self.data_root)
+            if folder.num_clients != self.recipe.num_clients:
+                raise DataError(
+                    f"{self.data_root} was written for {folder.num_clients} clients, the recipe has "
+                    f"{self.recipe.num_clients}"
+                )
+            self._folder = folder
+        return self._folder
 
     @property
     def task(self) -> TaskSpec:
         return self._load()[2]
+
+    def train_data(self, client_id: int) -> ImageSet:
+        """Client ``client_id``'s training data: its ``data_root`` folder, or its share of the recipe's dataset."""
+        if not 0 <= client_id < self.recipe.num_clients:
+            raise ValueError(f"client id {client_id} outside 0..{self.recipe.num_clients - 1}")
+        if self.data_root is not None:
+            folder = self.folder()
+            if folder.client_id != client_id:
+                raise DataError(f"{self.data_root} holds client {folder.client_id}'s data, not client {client_id}'s")
+            return folder.train
+        train, _, _, parts = self._load()
+        assert parts is not None
+        return train.subset(parts[client_id])
 
     def build_model(self, client_id: int) -> ClientModel:
         """Client ``client_id``'s model with its initial weights (architecture from the recipe)."""
         return build_client_model(self.recipe, self.task, client_id)
 
     def build(self, client_id: int, model: ClientModel | None = None) -> ClientRuntime:
-        if not 0 <= client_id < self.recipe.num_clients:
-            raise ValueError(f"client id {client_id} outside 0..{self.recipe.num_clients - 1}")
-        train, evaluation, task, parts = self._load()
+        train = self.train_data(client_id)
+        _, evaluation, task, _ = self._load()
         model = model if model is not None else self.build_model(client_id)
         fault = self.recipe.client_groups()[client_id].fault
         return ClientRuntime(
             client_id,
             model,
-            train.subset(parts[client_id]),
+            train,
             evaluation,
             task,
             fault=fault,

@@ -48,11 +48,21 @@ def default_run_dir(recipe: Recipe) -> Path:
 class Runner:
     """Runs a recipe into a run directory; ``resume=True`` continues after the last completed round."""
 
-    def __init__(self, recipe: Recipe, out_dir: Path, resume: bool = False, events: EventSink | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: Path,
+        resume: bool = False,
+        events: EventSink | None = None,
+        backend: Backend | None = None,
+    ):
+        """``backend``: the backend instance to use instead of building the recipe's (e.g. one a Flower
+        ServerApp has bound to its grid, whose ``launch`` then runs the round loop in this process)."""
         self.recipe = recipe
         self.run_dir = RunDirectory(out_dir)
         self.resume = resume
         self.events: EventSink = events or (lambda *args, **kwargs: None)
+        self.backend = backend
 
     def _prepare_directory(self) -> int:
         """Create or check the run directory; return the number of rounds already completed."""
@@ -79,11 +89,12 @@ class Runner:
         return 0
 
     def run(self) -> dict[str, Any]:
-        backend = self.recipe.build("backend", self.recipe.backend)
+        backend = self.backend if self.backend is not None else self.recipe.build("backend", self.recipe.backend)
         assert isinstance(backend, Backend)
         summary = backend.launch(self)  # a backend that hosts the round loop elsewhere (Flower deployment)
         if summary is not None:
             return summary
+        self.backend = backend  # the same instance runs the round loop
         existed = self.run_dir.root.exists()
         completed = self._prepare_directory()
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
@@ -137,7 +148,7 @@ class Runner:
             )
             ctx.generator = generator  # type: ignore[assignment]
         ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
-        backend = recipe.build("backend", recipe.backend)
+        backend = self.backend if self.backend is not None else recipe.build("backend", recipe.backend)
         assert isinstance(backend, Backend)
         loggers = [recipe.build("logger", spec) for spec in recipe.loggers]
         ctx.backend = backend

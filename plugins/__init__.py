@@ -14,7 +14,6 @@ from .algorithm_fedmmkt import FedMMKT
 from .algorithm_fedmmkt_frozen import FedMMKTFrozenGenerator
 from .algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
 from .algorithm_local import LocalOnly
-from .backend_flower import FlowerBackend
 from .backend_inprocess import InProcessBackend
 from .client_cnn import CNNClient
 from .client_resnet import ResNetClient
@@ -23,6 +22,7 @@ from .dataset_digits import DigitsDataset
 from .dataset_hf import HFDiskDataset
 from .dataset_imagefolder import ImageFolderDataset
 from .dataset_typeset_digits import TypesetDigitsDataset
+from .flower import FlowerBackend
 from .generator_sd_lora import SDLoraGenerator
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger

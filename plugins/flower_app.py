@@ -1,7 +1,8 @@
 """The Flower App objects fedmmkt runs (imported by Flower's app processes only, never by the registry).
 
 ``flwr run`` names them in the app's pyproject: ``fedmmkt_plugins.flower_app:server_app`` and
-``fedmmkt_plugins.flower_app:client_app``. The logic lives in :mod:`fedmmkt_plugins.backend_flower`.
+``fedmmkt_plugins.flower_app:client_app`` (see :func:`fedmmkt_plugins.flower.packaging.app_pyproject`).
+The logic lives in :mod:`fedmmkt_plugins.flower.server_app` and :mod:`fedmmkt_plugins.flower.client_app`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .backend_flower import handle_client, serve
+from .flower.client_app import handle_client
+from .flower.server_app import serve
 
 server_app = ServerApp()
 client_app = ClientApp()

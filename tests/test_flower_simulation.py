@@ -18,7 +18,7 @@ from fedmmkt_core.runner import Runner
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedmmkt_plugins.backend_flower import SIM_TOKEN, processes_with_token  # noqa: E402
+from fedmmkt_plugins.flower import SIM_TOKEN, processes_with_token  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
 THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2"]

@@ -1,0 +1,72 @@
+"""Per-client data folders: `fedmmkt partition` writes each client's exact share; a client built from its
+folder trains on the same data as one cut from the recipe's dataset."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedmmkt_cli.main import app
+from typer.testing import CliRunner
+
+from fedmmkt_core.client import ClientFactory
+from fedmmkt_core.clientdata import read_client_folder
+from fedmmkt_core.errors import DataError
+from fedmmkt_core.recipe import load_recipe
+
+SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
+THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1"]
+cli = CliRunner()
+
+
+def partition(out: Path):
+    args = ["partition", str(SMOKE), str(out), *sum((["--set", o] for o in THREE_CLIENTS), [])]
+    return cli.invoke(app, args)
+
+
+def test_partition_writes_each_clients_exact_share(tmp_path):
+    result = partition(tmp_path / "parts")
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(SMOKE, THREE_CLIENTS)
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["client_0", "client_1", "client_2"]
+    cut = ClientFactory(recipe)
+    sizes = []
+    for k in range(3):
+        folder = tmp_path / "parts" / f"client_{k}"
+        expected = cut.build(k)
+        written = read_client_folder(folder)
+        assert written.client_id == k and written.num_clients == 3
+        np.testing.assert_array_equal(written.train.images, expected.train.images)
+        np.testing.assert_array_equal(written.train.labels, expected.train.labels)
+        assert written.train.captions == expected.train.captions
+        from_folder = ClientFactory(recipe, data_root=folder).build(k)
+        np.testing.assert_array_equal(from_folder.train.images, expected.train.images)
+        np.testing.assert_array_equal(from_folder.train.labels, expected.train.labels)
+        np.testing.assert_array_equal(from_folder.test.images, expected.test.images)  # evaluation: the recipe's
+        assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.npy"))
+        sizes.append(len(written.train))
+    assert len(set(sizes)) > 1  # Dirichlet: the shares differ, so a mix-up would show
+
+
+def test_a_client_folder_is_checked(tmp_path):
+    assert partition(tmp_path / "parts").exit_code == 0
+    recipe = load_recipe(SMOKE, THREE_CLIENTS)
+    folder = tmp_path / "parts" / "client_1"
+    with pytest.raises(DataError, match="holds client 1's data, not client 0's"):
+        ClientFactory(recipe, data_root=folder).build(0)
+    with pytest.raises(DataError, match="written for 3 clients, the recipe has 4"):
+        ClientFactory(load_recipe(SMOKE), data_root=folder).build(1)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["class_names"] = manifest["class_names"][::-1]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="differ from the recipe's"):
+        ClientFactory(recipe, data_root=folder).build(1)
+    blob = bytearray((folder / "train.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (folder / "train.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(DataError, match="sha256 differs"):
+        read_client_folder(folder)
+    with pytest.raises(DataError, match="not a client data folder"):
+        read_client_folder(tmp_path)
+    again = partition(tmp_path / "parts")
+    assert again.exit_code == 2 and "is not empty" in again.output
