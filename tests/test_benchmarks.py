@@ -43,7 +43,8 @@ def test_compute_timer_counts_nested_calls_once_and_restores_the_methods():
     Model().inner()
     seconds, calls = timer.take()
     assert calls == {"outer": 1, "inner": 1}  # the inner call inside outer is outer's time
-    assert 0.04 <= seconds["outer"] < 0.2 and 0.02 <= seconds["inner"] < 0.1
+    assert 0.04 <= seconds["outer"] and 0.02 <= seconds["inner"]
+    assert seconds["inner"] < seconds["outer"] < 2.0  # loose: a loaded machine stretches sleeps, never the count
     timer.restore()
     assert Model.outer is original and timer.take() == ({}, {})
 
@@ -62,7 +63,7 @@ def test_quality_summary_averages_over_seeds_per_cell():
 def test_fedavg_cells_only_for_one_architecture():
     cells = [(c, a) for c in quality.CLIENT_SETS for a in quality.ALGORITHMS if quality.valid(a, c)]
     assert ("heterogeneous", "fedavg") not in cells and ("homogeneous", "fedavg") in cells
-    assert len(cells) == 11
+    assert len(cells) == 13  # 7 algorithms on one client set, 6 on the other
 
 
 def test_readme_results_section_matches_the_result_files():
