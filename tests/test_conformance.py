@@ -146,6 +146,12 @@ class TestFedMMKTNoFeedback(AlgorithmTests):
     recipe = FEDMMKT_RECIPE
 
 
+class TestCentralized(AlgorithmTests):
+    name = "centralized"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
+
+
 class TestFedDF(AlgorithmTests):
     name = "feddf"
     params = FEDMMKT_PARAMS
