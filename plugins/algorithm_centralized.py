@@ -44,15 +44,20 @@ class Centralized(FedMMKT):
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         values, arrays = super().state()
-        for group, model in self.models.items():
+        models: dict[int, ClientModel] = getattr(self, "models", {})
+        for group, model in models.items():
             arrays.update({f"group{group}/{k}": v for k, v in model.get_weights().items()})
+        if not models:  # loaded but not set up (no models built yet): hand back what was loaded
+            arrays.update(getattr(self, "_loaded_groups", {}))
         return values, arrays
 
     def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        super().load_state(values, arrays)
-        for group, model in self.models.items():
+        groups = {k: v for k, v in arrays.items() if k.startswith("group")}
+        super().load_state(values, {k: v for k, v in arrays.items() if k not in groups})
+        self._loaded_groups = groups
+        for group, model in getattr(self, "models", {}).items():
             prefix = f"group{group}/"
-            model.set_weights({k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+            model.set_weights({k[len(prefix) :]: v for k, v in groups.items() if k.startswith(prefix)})
 
     def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
