@@ -35,6 +35,7 @@ class InProcessBackend(Backend):
     def start(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self._clients = ClientFactory(ctx.recipe)  # the simulated clients' side: never handed to the server
+        _ = self._clients.task  # loads and partitions the clients' data now: a bad partition fails before round 1
         self.store = ClientStateStore(ctx.run_dir.client_state_dir)
         self.store.discard_from(ctx.rounds_completed_at_start)
         self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
