@@ -92,14 +92,5 @@ class Centralized(FedMMKT):
             "client_accuracy_min": float(np.min(values)),
             "client_accuracy": {str(k): v for k, v in enumerate(values)},
         }
-        if self.oracle is not None and self.initial is not None:
-            self.latest = self._generator_metrics(ctx, round_index + 1)
-            metrics.update(
-                {
-                    "generator_cas": self.latest["cas"],
-                    "generator_fid": self.latest["fid"],
-                    "generator_cas_initial": self.initial["cas"],
-                    "generator_fid_initial": self.initial["fid"],
-                }
-            )
+        metrics.update(self._generator_report(ctx, round_index))
         return metrics

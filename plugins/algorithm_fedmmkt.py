@@ -281,18 +281,22 @@ class FedMMKT(Algorithm):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         metrics = ctx.evaluate_clients()
-        if self.oracle is not None and self.initial is not None:
-            if self.update_generator:
-                self.latest = self._generator_metrics(ctx, round_index + 1)
-            metrics.update(
-                {
-                    "generator_cas": self.latest["cas"],
-                    "generator_fid": self.latest["fid"],
-                    "generator_cas_initial": self.initial["cas"],
-                    "generator_fid_initial": self.initial["fid"],
-                }
-            )
+        metrics.update(self._generator_report(ctx, round_index))
         return metrics
+
+    def _generator_report(self, ctx: ServerContext, round_index: int) -> dict[str, float]:
+        """CAS and Fréchet distance now and at the start (re-measured when the generator is updated)."""
+        if self.oracle is None or self.initial is None:
+            return {}
+        if self.update_generator:
+            self.latest = self._generator_metrics(ctx, round_index + 1)
+        assert self.latest is not None
+        return {
+            "generator_cas": self.latest["cas"],
+            "generator_fid": self.latest["fid"],
+            "generator_cas_initial": self.initial["cas"],
+            "generator_fid_initial": self.initial["fid"],
+        }
 
     def _generator_metrics(self, ctx: ServerContext, rounds_done: int) -> dict[str, float]:
         """CAS and Fréchet distance on a fixed evaluation set (same prompts and seeds every round)."""
