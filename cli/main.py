@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +37,18 @@ SetOpt = Annotated[
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")] = False) -> None:
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """fedmmkt's own warnings (a broken plugin package) as one ``warning:`` line, no source location."""
+    if category.__name__ == "PluginLoadWarning":
+        err.print(f"[bold yellow]warning:[/bold yellow] {_escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -150,12 +163,23 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
+    # Names are what a recipe needs, so they are never cut; the class column only fits a wide terminal
+    # (it is always in --json), and the other columns fold.
+    wide = out.width >= 120
     table = Table(title="fedmmkt plugins")
-    for column in ("kind", "name", "package", "version", "class"):
-        table.add_column(column)
+    table.add_column("kind", overflow="fold")
+    table.add_column("name", no_wrap=True, min_width=max((len(r["name"]) for r in rows), default=4))
+    table.add_column("package", overflow="fold")
+    table.add_column("version", overflow="fold")
+    if wide:
+        table.add_column("class", overflow="fold")
     for row in rows:
-        table.add_row(row["kind"], row["name"], row["package"], row["version"], row["class"])
+        cells = [row["kind"], row["name"], row["package"], row["version"]] + ([row["class"]] if wide else [])
+        table.add_row(*cells)
     out.print(table)
+    broken = getattr(registry, "broken", {})
+    for package in broken:
+        out.print(f"[yellow]not loaded[/yellow]: {_escape(package)} (see the warning above)")
 
 
 @app.command()
@@ -177,13 +201,15 @@ def report(
 
     summary, rows = _guard(load_run, run_dir)
     table = Table(title=f"summary ({run_dir})", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in summary.items():
         table.add_row(key, _fmt(value))
     out.print(table)
     columns = [c for c in _ROUND_COLUMNS if any(c in r for r in rows)]
     rounds = Table(title="rounds")
-    for column in columns:
-        rounds.add_column(column, justify="right")
+    for column in columns:  # long metric names fold onto several lines instead of being cut
+        rounds.add_column(column, justify="right", overflow="fold")
     for row in rows:
         rounds.add_row(*(_fmt(row.get(c, "")) for c in columns))
     out.print(rounds)
@@ -276,6 +302,11 @@ class _Progress:
                 p.reset(task, total=data.get("total"))
         elif event == "phase_advance" and data["name"] in self.phase_tasks:
             p.advance(self.phase_tasks[data["name"]], data.get("advance", 1))
+        elif event == "logger_failure":
+            err.print(
+                f"[yellow]warning:[/yellow] logger '{data['logger']}' ({data['path']}) failed in {data['method']} "
+                f"and is switched off; the run goes on: {_escape(data['reason'])}"
+            )
         elif event == "failure":
             err.print(f"[yellow]client {data['client']} failed in {data['phase']}[/yellow]: {_escape(data['reason'])}")
 

@@ -27,6 +27,10 @@ class DataError(UserError):
     """A dataset cannot be loaded: names the file or folder that is wrong."""
 
 
+class PluginOutputError(Exception):
+    """A component returned something the round loop cannot use (names the plugin; the run stops)."""
+
+
 class ClientFailure(Exception):
     """A client's work failed or its reply was rejected. Carries the reason the round records."""
 

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .data import DataSplits, DistillSet, ImageSet, TaskSpec
-from .errors import DataError, RecipeIssue
+from .errors import ClientFailure, DataError, RecipeIssue
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -43,9 +43,20 @@ class Component(ABC):
 
     kind: ClassVar[str] = ""
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    #: the name the recipe selected this component by (set by ``Recipe.build``; metrics use it)
+    registered_name: str = ""
 
     def __init__(self, config: ComponentConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    def generator_requirements(self) -> dict[str, str]:
+        """Generator capabilities this component, as configured, relies on: ``{capability: reason}``.
+
+        ``fedmmkt validate`` checks them against the recipe's generator's :meth:`Generator.capabilities`
+        (e.g. FedMMKT with ``base_fraction > 0`` needs ``generate_base``). The reason names the setting,
+        relative to the component (``"params.base_fraction"``), or is ``""``.
+        """
+        return {}
 
     @classmethod
     def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
@@ -109,7 +120,15 @@ class ClientModel(Component):
     @abstractmethod
     def fit(self, train: ImageSet, distill: DistillSet | None, seed: int) -> dict[str, float]:
         """One round of local training: cross-entropy on ``train`` plus, when given, KD towards
-        ``distill``'s soft labels. Returns training metrics (at least ``loss``)."""
+        ``distill``'s soft labels. Returns finite training metrics (at least ``loss``).
+
+        The KD contract (:class:`~fedmmkt_core.data.DistillSet`): ``soft_labels`` are probability rows
+        (each sums to one) exactly as the aggregator produced them — they are *not* softened again by
+        the temperature. With ``T = distill.temperature`` the expected term is
+        ``distill.weight * T² * KL(soft_labels || softmax(student_logits / T))``, averaged over the
+        distillation batch: the student is softened by T, and T² keeps the gradient's size independent
+        of T. ``fedmmkt_plugins.torch_classifier.TorchClassifier`` implements exactly this.
+        """
 
     @abstractmethod
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
@@ -122,10 +141,6 @@ class ClientModel(Component):
     @abstractmethod
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Restore from :meth:`get_weights` output (strict: missing or extra keys are errors)."""
-
-    def architecture_id(self) -> str:
-        """Two clients may average weights (FedAvg) only when these strings are equal."""
-        return f"{type(self).__module__}.{type(self).__qualname__}:{self.config.model_dump_json()}"
 
 
 @dataclass
@@ -150,7 +165,25 @@ class Aggregator(Component):
 
     @abstractmethod
     def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:
-        """Soft labels ``float [N, C]`` whose rows sum to one."""
+        """Soft labels ``float [N, C]``: finite, non-negative, rows summing to one (probabilities, not
+        logits). The algorithm checks this and fails the run naming the aggregator otherwise. Raise
+        ``ClientFailure(client_id, reason)`` for a reply you refuse (see :meth:`check_replies`)."""
+
+    @staticmethod
+    def check_replies(replies: Sequence[ClientReply]) -> tuple[int, int]:
+        """The common shape ``(N, C)`` of the replies' logits; ``ClientFailure`` for a reply that is
+        misshaped or not finite, ``ValueError`` for no replies."""
+        if not replies:
+            raise ValueError("cannot aggregate zero replies")
+        shape = replies[0].logits.shape
+        if len(shape) != 2:
+            raise ClientFailure(replies[0].client_id, f"logits of shape {shape}, expected [samples, classes]")
+        for reply in replies:
+            if reply.logits.shape != shape:
+                raise ClientFailure(reply.client_id, f"logits of shape {reply.logits.shape}, expected {shape}")
+            if not np.isfinite(reply.logits).all():
+                raise ClientFailure(reply.client_id, "logits contain NaN or infinite values")
+        return int(shape[0]), int(shape[1])
 
 
 @dataclass
@@ -189,6 +222,9 @@ class AlignmentBatch:
 class DenoisingStep:
     """One fine-tuning step of a diffusion generator on a mini-batch, as alignment losses see it.
 
+    The generator caches it: :meth:`Generator.denoise` called again with the same mini-batch object
+    and seed returns the same step, so several losses share one UNet pass (and one VAE decode).
+
     Tensors are in the generator's framework and carry gradient into its adapter.
     ``per_sample_loss [B]``: the diffusion (denoising) loss of each pair.
     ``signal_weight [B]``: ᾱ_t of each pair's timestep, near 1 where x̂₀ is sharp, near 0 where it is noise.
@@ -207,9 +243,21 @@ class DenoisingStep:
 
 
 class Generator(Component):
-    """The server's text-to-image model (frozen base + trainable adapter)."""
+    """The server's text-to-image model (frozen base + trainable adapter).
+
+    Prompts are the task's captions: the algorithm asks for class ``c`` with ``task.prompt(c)``.
+    Optional capabilities (see :meth:`capabilities`): ``generate_base`` (images with the adapter off;
+    FedMMKT's ``base_fraction``) and ``denoise`` (a :class:`DenoisingStep`; every built-in alignment
+    loss). ``fedmmkt validate`` refuses a recipe whose algorithm or losses need one the generator lacks.
+    """
 
     kind = "generator"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("generate_base", "denoise")
+
+    @classmethod
+    def capabilities(cls) -> frozenset[str]:
+        """The optional methods this generator implements: those of :attr:`OPTIONAL` it overrides."""
+        return frozenset(name for name in cls.OPTIONAL if getattr(cls, name) is not getattr(Generator, name))
 
     @abstractmethod
     def build(
@@ -234,10 +282,20 @@ class Generator(Component):
     def fine_tune(
         self, batch: AlignmentBatch, losses: Sequence[tuple[AlignmentLoss, float]], seed: int
     ) -> dict[str, float]:
-        """Update the adapter with the weighted sum of ``losses`` on ``batch``; return training metrics."""
+        """Update the adapter with the weighted sum of ``losses`` on ``batch``; return finite metrics.
+
+        The contract every generator keeps with the losses: skip losses of weight 0; call each
+        remaining loss's ``prepare(batch, task, seed)`` once; the pool is the union of the losses'
+        ``active(batch)`` masks; draw mini-batches (``batch.subset``) from the pool only, so a loss may
+        receive samples another loss marked active and ignores those itself (``compute`` returns
+        ``None`` when none of the mini-batch concerns it); minimise ``Σ weight · compute(self, mini,
+        step_seed)``. Report each loss's mean value as ``loss_<registered name>``
+        (``loss.registered_name``).
+        """
 
     def denoise(self, batch: AlignmentBatch, seed: int) -> DenoisingStep:
-        """A :class:`DenoisingStep` on ``batch`` (diffusion generators; used by alignment losses)."""
+        """A :class:`DenoisingStep` on the mini-batch ``batch`` (diffusion generators; used by alignment
+        losses). Cache it by ``(batch object, seed)`` so losses sharing a mini-batch share the step."""
         raise NotImplementedError(f"{type(self).__name__} does not expose denoising steps")
 
     @abstractmethod
@@ -253,16 +311,25 @@ class AlignmentLoss(Component):
     """A loss that pulls the generator towards what the clients recognise.
 
     The generator calls :meth:`prepare` once per fine-tuning call with the whole batch, draws
-    mini-batches from the samples some loss marks :meth:`active`, and sums ``weight * compute(...)``.
+    mini-batches from the union of the samples the losses mark :meth:`active`, and sums
+    ``weight * compute(...)``. A mini-batch may therefore hold samples another loss asked for:
+    ``compute`` must only learn from its own (mask them with ``active``) and return ``None`` when
+    there are none. Declare the generator capabilities ``compute`` calls in :attr:`requires`.
     """
 
     kind = "alignment_loss"
+    #: generator capabilities (:meth:`Generator.capabilities`) ``compute`` uses, e.g. ``{"denoise"}``
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def generator_requirements(self) -> dict[str, str]:
+        return {capability: "" for capability in sorted(self.requires)}
 
     def prepare(self, batch: AlignmentBatch, task: TaskSpec, seed: int) -> None:
         """Called once with the whole batch before the mini-batch steps (e.g. to fit a helper model)."""
 
     def active(self, batch: AlignmentBatch) -> np.ndarray:
-        """Boolean mask of the samples this loss learns from (others are never drawn for it)."""
+        """Boolean mask of the samples this loss learns from. Samples no loss marks are never drawn;
+        samples only other losses mark may still reach :meth:`compute` in a shared mini-batch."""
         return np.ones(len(batch), dtype=bool)
 
     @abstractmethod

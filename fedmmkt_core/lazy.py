@@ -48,6 +48,9 @@ def lazy_import(name: str, hint: str = "") -> Any:
     return LazyModule(name, hint or f"Install it with: pip install {name.split('.')[0]}")
 
 
-def require(name: str, hint: str = "") -> types.ModuleType:
-    """Import ``name`` now, turning a missing package into an error with an install hint."""
-    return lazy_import(name, hint)._load()
+def missing(*modules: str) -> list[str]:
+    """The top-level packages of ``modules`` that are not installed (checked without importing them),
+    for ``check_recipe`` to refuse a recipe before the run with an install hint."""
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None]

@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -25,6 +26,10 @@ from .interfaces import KINDS, Component
 AUTOLOAD_ENV = "FEDMMKT_DISABLE_PLUGIN_AUTOLOAD"
 EXTRA_PLUGINS_ENV = "FEDMMKT_PLUGINS"
 BUILTIN_MODULE = "fedmmkt_plugins"
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed plugin package could not be loaded; recipes that do not use it still work."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        #: packages that failed to load: package name -> why (see :class:`PluginLoadWarning`)
+        self.broken: dict[str, str] = {}
 
     def add(self, registration: Registration) -> None:
         base = KINDS[registration.kind]
@@ -91,7 +98,10 @@ class Registry:
     def unknown_message(self, kind: str, name: str) -> str:
         available = self.names(kind)
         listed = ", ".join(available) if available else "none registered"
-        return f"unknown {kind.replace('_', ' ')} '{name}'{suggest(name, available)} (available: {listed})"
+        message = f"unknown {kind.replace('_', ' ')} '{name}'{suggest(name, available)} (available: {listed})"
+        for package, reason in self.broken.items():
+            message += f"; installed package '{package}' failed to load and may provide it: {reason}"
+        return message
 
     def __iter__(self):
         for kind in KINDS:
@@ -117,6 +127,8 @@ class PluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._sources: dict[str, tuple[str, str]] = {}
+        self._entry_points: set[str] = set()
+        self.broken: dict[str, str] = {}
         builtin = importlib.import_module(BUILTIN_MODULE)
         self.register_module(builtin, package="fedmmkt")
         if load_entry_points is None:
@@ -142,9 +154,28 @@ class PluginManager:
                     continue
                 try:
                     plugin = ep.load()
-                except Exception as exc:  # a broken third-party plugin must say who it is
-                    raise PluginError(f"could not load plugin '{ep.name}' from package '{name}': {exc}") from exc
-                self._register(plugin, f"{name}:{ep.name}", (name, dist.version))
+                    self._register(plugin, f"{name}:{ep.name}", (name, dist.version))
+                    self.pm.check_pending()
+                except Exception as exc:  # a broken third-party package must not block the others
+                    self._skip_broken(name, f"{name}:{ep.name}", exc)
+                    continue
+                self._entry_points.add(f"{name}:{ep.name}")
+
+    def _skip_broken(self, package: str, plugin_name: str, exc: BaseException) -> None:
+        """Leave a package that fails to load or register out, with a warning saying how to skip it."""
+        plugin = self.pm.get_plugin(plugin_name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self._entry_points.discard(plugin_name)
+        reason = f"{type(exc).__name__}: {exc}"
+        self.broken[package] = reason
+        warnings.warn(
+            f"plugin package '{package}' ({plugin_name}) failed to load and is skipped: {reason}. Recipes that "
+            f"use it will not validate; fix or uninstall it (pip uninstall {package}), or set "
+            f"{AUTOLOAD_ENV}=1 to skip every installed plugin package",
+            PluginLoadWarning,
+            stacklevel=3,
+        )
 
     def load_module(self, module_name: str) -> None:
         """Load a plugin module by import name (``FEDMMKT_PLUGINS``)."""
@@ -184,11 +215,24 @@ class PluginManager:
         self._sources[name] = source
 
     def _collect(self) -> Registry:
+        for plugin_name in sorted(self._entry_points):  # a package whose hooks fail is left out, not fatal
+            try:
+                self._collect_from({plugin_name})
+            except Exception as exc:
+                self._skip_broken(self._sources[plugin_name][0], plugin_name, exc)
+        registry = self._collect_from(None)
+        registry.broken = dict(self.broken)
+        return registry
+
+    def _collect_from(self, only: set[str] | None) -> Registry:
+        """Call the registration hooks (of the plugins named in ``only``, or all) into a new registry."""
         registry = Registry()
         for hook_name, kind in hookspecs.HOOK_KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():  # registration order: built-ins first
                 plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+                if only is not None and plugin_name not in only:
+                    continue
                 package, version = self._sources.get(plugin_name, (plugin_name, "unknown"))
 
                 def register(name: str, cls: type, _kind: str = kind, _pkg: str = package, _ver: str = version) -> None:

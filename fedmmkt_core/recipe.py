@@ -139,7 +139,9 @@ class Recipe(_Strict):
         """Instantiate the plugin a spec names with its validated config (cheap: no set-up)."""
         if self._registry is None:
             raise RuntimeError("recipe was not validated against a registry")
-        return self._registry.get(kind, spec.name).cls(spec.config)
+        component = self._registry.get(kind, spec.name).cls(spec.config)
+        component.registered_name = spec.name
+        return component
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in and paths made absolute (JSON-able)."""
@@ -201,7 +203,8 @@ def parse_recipe(
 
     def located(path: tuple[Any, ...], message: str) -> RecipeIssue:
         key = tuple(str(p) for p in path)
-        origin = overridden.get(key)
+        # a key under a --set value (--set 'generator={...}' then generator.params.x) comes from the --set
+        origin = next((overridden[key[:end]] for end in range(len(key), 0, -1) if key[:end] in overridden), None)
         if origin is not None:
             message = f"{message} (from --set {origin})"
         return RecipeIssue(".".join(key), message, None if origin else _nearest_line(lines, key))
@@ -303,6 +306,40 @@ def _cross_checks(recipe: Recipe, registry: Registry, located) -> list[RecipeIss
         for issue in cls.check_recipe(recipe, path):
             keys = tuple(issue.path.split(".")) if issue.path else tuple(path.split("."))
             issues.append(located(keys, issue.message))
+    issues += _capability_checks(recipe, registry, located)
+    return issues
+
+
+def _capability_checks(recipe: Recipe, registry: Registry, located) -> list[RecipeIssue]:
+    """Every generator capability the algorithm and the alignment losses rely on, checked before round 1."""
+    algorithm_cls = registry.get("algorithm", recipe.algorithm.name).cls
+    if recipe.generator is None or not getattr(algorithm_cls, "needs_generator", False):
+        return []
+    generator = registry.get("generator", recipe.generator.name)
+    provided = generator.cls.capabilities()  # type: ignore[attr-defined]
+    users = [("algorithm", recipe.algorithm)]
+    if getattr(algorithm_cls, "update_generator", True):  # the losses only run when the generator is fine-tuned
+        users += [(f"alignment_losses.{i}", s) for i, s in enumerate(recipe.alignment_losses) if s.weight != 0]
+    issues = []
+    for path, spec in users:
+        kind = "algorithm" if path == "algorithm" else "alignment_loss"
+        label = kind.replace("_", " ")
+        registration = registry.get(kind, spec.name)
+        needs = recipe.build(kind, spec).generator_requirements()
+        for capability, setting in needs.items():
+            if capability in provided:
+                continue
+            keys = tuple(path.split(".")) + (tuple(setting.split(".")) if setting else ())
+            why = f" (set by {path}.{setting})" if setting else ""
+            has = ", ".join(sorted(provided)) or "none"
+            issues.append(
+                located(
+                    keys,
+                    f"{label} '{spec.name}' ({registration.package}) needs generator capability "
+                    f"'{capability}'{why}, which generator '{recipe.generator.name}' ({generator.package}) does not "
+                    f"implement (its optional capabilities: {has}); choose another generator or {label}",
+                )
+            )
     return issues
 
 

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from .context import EventSink, RoundFailed, ServerContext
-from .errors import UserError
+from .errors import PluginOutputError, UserError
 from .interfaces import Algorithm, Backend, Logger
 from .loading import load_data, load_server_data
+from .outputs import check_metrics
 from .recipe import Recipe, dump_yaml
 from .rundir import RunDirectory, atomic_write_json, atomic_write_text, load_safetensors, save_safetensors
 from .seeding import seed_everything
@@ -150,7 +151,10 @@ class Runner:
         ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
         backend = self.backend if self.backend is not None else recipe.build("backend", recipe.backend)
         assert isinstance(backend, Backend)
-        loggers = [recipe.build("logger", spec) for spec in recipe.loggers]
+        self.loggers = [
+            (f"loggers.{i}", spec.name, recipe.build("logger", spec)) for i, spec in enumerate(recipe.loggers)
+        ]
+        self.logger_failures: list[dict[str, Any]] = []
         ctx.backend = backend
         ctx.rounds_completed_at_start = completed
         backend.start(ctx)
@@ -158,23 +162,41 @@ class Runner:
             algorithm.setup(ctx)
             if completed:
                 self._load_checkpoint(ctx, algorithm, completed)
-            for logger in loggers:
-                assert isinstance(logger, Logger)
-                logger.start(self.run_dir.root, recipe.resolved())
+            resolved = recipe.resolved()
+            self._notify_loggers("start", self.run_dir.root, resolved)
             rounds = recipe.federation.rounds
             self.events("run_start", rounds=rounds, completed=completed)
             for round_index in range(completed, rounds):
                 row = self._round(ctx, algorithm, round_index)
-                for logger in loggers:
-                    logger.log_round(round_index, row)  # type: ignore[attr-defined]
+                self._notify_loggers("log_round", round_index, row)
             summary = self._summary()
+            if self.logger_failures:
+                summary["logger_failures"] = self.logger_failures
             atomic_write_json(self.run_dir.summary_path, summary)
-            for logger in loggers:
-                logger.finish(summary)  # type: ignore[attr-defined]
+            self._notify_loggers("finish", summary)
+            if self.logger_failures and "logger_failures" not in summary:  # a logger failed in finish
+                atomic_write_json(self.run_dir.summary_path, {**summary, "logger_failures": self.logger_failures})
             log.info("finished: %s", json.dumps(summary, sort_keys=True))
             return summary
         finally:
             backend.stop()
+
+    def _notify_loggers(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every logger. A logger that raises is recorded (log.txt, the summary's
+        ``logger_failures``, a ``logger_failure`` event) and called no more; the run goes on, since
+        the run directory already holds everything a logger reports."""
+        failed = {f["logger"] for f in self.logger_failures}
+        for path, name, logger in self.loggers:
+            if path in failed:
+                continue
+            assert isinstance(logger, Logger)
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self.logger_failures.append({"logger": path, "name": name, "in": method, "reason": reason})
+                log.warning("logger '%s' (%s) failed in %s and is switched off: %s", name, path, method, reason)
+                self.events("logger_failure", logger=name, path=path, method=method, reason=reason)
 
     def _progress_events(self) -> Callable[[str, int, int], None]:
         """Turn ``progress(task, completed, total)`` calls into the phase events progress bars follow."""
@@ -195,12 +217,13 @@ class Runner:
         seed_everything(ctx.seed_for("round", round_index))
         ctx.begin_round(round_index)
         self.events("round_start", round=round_index + 1, rounds=self.recipe.federation.rounds)
+        owner = f"algorithm '{self.recipe.algorithm.name}'"
         try:
-            metrics = dict(algorithm.run_round(ctx, round_index))
-            metrics.update(algorithm.evaluate(ctx, round_index))
-        except RoundFailed as exc:
+            metrics = check_metrics(algorithm.run_round(ctx, round_index), owner)
+            metrics.update(check_metrics(algorithm.evaluate(ctx, round_index), owner))
+        except (RoundFailed, PluginOutputError) as exc:
             log.error("%s", exc)
-            raise RunFailed(str(exc)) from None
+            raise RunFailed(f"round {round_index + 1}: {exc}") from None
         stats = ctx.stats
         row: dict[str, Any] = {"round": round_index + 1, "clients_sampled": ctx.sampled}
         row.update(metrics)

@@ -26,6 +26,8 @@ from .flower import FlowerBackend
 from .generator_sd_lora import SDLoraGenerator
 from .logger_console import ConsoleLogger
 from .logger_csv import CSVLogger
+from .logger_mlflow import MLflowLogger
+from .logger_tensorboard import TensorBoardLogger
 from .loss_ensemble_ce import EnsembleCELoss
 from .loss_relabel_denoising import RelabelDenoisingLoss
 from .loss_weighted_denoising import WeightedDenoisingLoss
@@ -82,6 +84,8 @@ def register_backends(register):
 def register_loggers(register):
     register("console", ConsoleLogger)
     register("csv", CSVLogger)
+    register("tensorboard", TensorBoardLogger)
+    register("mlflow", MLflowLogger)
 
 
 @hookimpl

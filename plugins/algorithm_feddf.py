@@ -29,7 +29,6 @@ class FedDF(FedMMKT):
     Config = FedDFConfig
     config: FedDFConfig
     update_generator = False
-    distill_on_replay = False  # FedDF distils on each round's fresh transfer set
 
     def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
         logits = np.mean([reply.arrays["logits"].astype(np.float64) for _, reply in sorted(replies.items())], axis=0)

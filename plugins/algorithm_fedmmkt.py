@@ -1,6 +1,6 @@
 """FedMMKT: the server's text-to-image model and the clients' task models teach each other.
 
-One round (DESIGN.md §2): synthesize a class-balanced set S_r with the generator; every sampled
+One round: synthesize a class-balanced set S_r with the generator; every sampled
 client trains on its private data plus KD on last round's set with last round's soft labels, then
 returns logits on S_r; the KD aggregator turns them into soft labels q_r; the alignment a_j = q_r[j, c_j]
 tells which images really show their prompt; the generator's LoRA is fine-tuned with the recipe's
@@ -17,6 +17,7 @@ from pydantic import Field
 from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
+from fedmmkt_core.outputs import check_metrics, check_soft_labels
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.runner import cache_dir
 from fedmmkt_core.seeding import derive_seed
@@ -73,11 +74,13 @@ class FedMMKT(Algorithm):
     uploads_soft_labels = True
     update_generator: ClassVar[bool] = True
     client_feedback: ClassVar[bool] = True
-    distill_on_replay: ClassVar[bool] = False
     previous: tuple[np.ndarray, np.ndarray] | None = None
     replay: AlignmentBatch | None = None
     initial: dict[str, float] | None = None
     latest: dict[str, float] | None = None
+
+    def generator_requirements(self) -> dict[str, str]:
+        return {"generate_base": "params.base_fraction"} if self.config.base_fraction > 0 else {}
 
     @classmethod
     def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
@@ -165,7 +168,9 @@ class FedMMKT(Algorithm):
             "fit", messages, expect="fit_reply", validate=lambda k, reply: self._check_logits(reply, len(images))
         )
         with ctx.phase("aggregate"):
-            soft_labels = self.aggregate(round_index, replies).astype(np.float32)
+            soft_labels = check_soft_labels(
+                self.aggregate(round_index, replies), (len(images), num_classes), self._aggregator_name(ctx)
+            )
             targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
@@ -185,9 +190,8 @@ class FedMMKT(Algorithm):
             if not self.client_feedback:
                 training = self._control_batch(ctx, seen, round_index)
             with ctx.phase("generator_update"):
-                metrics.update(
-                    generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
-                )
+                update = generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
+                metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
         if cfg.replay_buffer > 0:
             self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
         self.previous = (images, targets)
@@ -244,9 +248,7 @@ class FedMMKT(Algorithm):
             "logits_dtype": cfg.logits_dtype,
         }
         arrays = {"predict_images": images}
-        if self.distill_on_replay and self.replay is not None:
-            arrays["distill_images"], arrays["distill_soft_labels"] = self.replay.images, self.replay.soft_labels
-        elif self.previous is not None:
+        if self.previous is not None:
             arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
         return Message("fit", config, arrays)
 
@@ -264,6 +266,10 @@ class FedMMKT(Algorithm):
             raise MessageError("class_counts must not be negative")
         if int(reply.config.get("num_samples", 0)) <= 0:
             raise MessageError("num_samples must be positive")
+
+    def _aggregator_name(self, ctx: ServerContext) -> str:
+        name = ctx.recipe.aggregator.name if ctx.recipe.aggregator is not None else "kd"
+        return f"aggregator '{name}'"
 
     def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
         """The federation's soft labels on the synthetic set (the recipe's KD aggregator)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError, UserError
@@ -95,7 +95,9 @@ class LoraSettings(ComponentConfig):
 
 class SDLoraConfig(ComponentConfig):
     model: str | None = Field(
-        None, description="local diffusers Stable Diffusion directory or hub id; null builds the tiny pipeline"
+        None,
+        description="local diffusers Stable Diffusion directory (relative to the recipe's folder, like every path "
+        "in a recipe) or hub id; null builds the tiny pipeline",
     )
     tiny: TinyPipelineConfig = TinyPipelineConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -118,6 +120,19 @@ class SDLoraConfig(ComponentConfig):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of the frozen base; LoRA weights always train in float32"
     )
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A local folder resolves against the recipe's folder; anything else is kept (a hub id)."""
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        base = Path((info.context or {}).get("base_dir", "."))
+        local = path if path.is_absolute() else base / path
+        if local.exists() or value.startswith((".", "/", "~")):
+            return str(local.resolve())
+        return value
 
 
 class SDLoraGenerator(Generator):
@@ -383,7 +398,7 @@ class SDLoraGenerator(Generator):
                     value = loss.compute(self, mini, step_seed)
                     if value is None:
                         continue
-                    name = f"loss_{type(loss).__name__}"
+                    name = f"loss_{loss.registered_name or type(loss).__name__}"
                     totals[name] = totals.get(name, 0.0) + float(value.detach())
                     total = weight * value if total is None else total + weight * value
                 if total is None:

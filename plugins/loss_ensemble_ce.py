@@ -26,6 +26,7 @@ class EnsembleCELoss(AlignmentLoss):
     at low noise. The gradient flows through the frozen VAE decoder into the LoRA weights."""
 
     Config = EnsembleCEConfig
+    requires = frozenset({"denoise"})
     config: EnsembleCEConfig
 
     def prepare(self, batch: AlignmentBatch, task: TaskSpec, seed: int) -> None:

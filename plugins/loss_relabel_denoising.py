@@ -21,6 +21,7 @@ class RelabelDenoisingLoss(AlignmentLoss):
     example of k: train the denoising loss on it with k's prompt (hindsight relabelling)."""
 
     Config = RelabelDenoisingConfig
+    requires = frozenset({"denoise"})
     config: RelabelDenoisingConfig
 
     def _recognised(self, batch: AlignmentBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ class WeightedDenoisingLoss(AlignmentLoss):
     """Diffusion loss on synthetic pairs, weighted by how strongly the clients recognise the prompt."""
 
     Config = WeightedDenoisingConfig
+    requires = frozenset({"denoise"})
     config: WeightedDenoisingConfig
 
     def weights(self, batch: AlignmentBatch) -> np.ndarray:
