@@ -54,14 +54,7 @@ class KDAggregator(Aggregator):
     config: KDConfig
 
     def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:
-        if not replies:
-            raise ValueError("cannot aggregate zero replies")
-        shape = replies[0].logits.shape
-        for reply in replies:
-            if reply.logits.ndim != 2 or reply.logits.shape != shape:
-                raise ClientFailure(reply.client_id, f"logits of shape {reply.logits.shape}, expected {shape}")
-            if not np.isfinite(reply.logits).all():
-                raise ClientFailure(reply.client_id, "logits contain NaN or infinite values")
+        self.check_replies(replies)
         probs = np.stack([softmax(r.logits, self.config.temperature) for r in replies])  # [K, N, C]
         cfg = self.config
         self.excluded = []

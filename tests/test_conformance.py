@@ -28,11 +28,6 @@ class TestViT(ClientModelTests):
     params = {"lr": 0.003, "epochs": 4}  # a ViT needs more passes over 200 images than a CNN
 
 
-class TestSoftmaxRegressionExample(ClientModelTests):
-    name = "softmax-regression"
-    params = {"epochs": 2}
-
-
 class TestKDUniform(AggregatorTests):
     name = "kd"
 
@@ -45,10 +40,6 @@ class TestKDClassAware(AggregatorTests):
 class TestKDMedian(AggregatorTests):
     name = "kd"
     params = {"robust": "median"}
-
-
-class TestMajorityVoteExample(AggregatorTests):
-    name = "majority-vote"
 
 
 class TestIID(PartitionerTests):

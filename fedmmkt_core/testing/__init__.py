@@ -401,7 +401,27 @@ class GeneratorTests(_ComponentTests):
         cls = get_registry().get("alignment_loss", name).cls
         loss = cls(cls.Config.model_validate(params))
         assert isinstance(loss, AlignmentLoss)
+        loss.registered_name = name
         return loss
+
+    def test_declared_capabilities_work(self, tmp_path) -> None:
+        """What :meth:`Generator.capabilities` declares (and ``fedmmkt validate`` trusts) really works."""
+        generator, task = self.built(tmp_path)
+        capabilities = type(generator).capabilities()
+        assert capabilities <= set(Generator.OPTIONAL)
+        prompts = [task.prompt(c) for c in (0, 1)]
+        if "generate_base" in capabilities:
+            images = generator.generate_base(prompts, [1, 2])
+            assert images.dtype == np.uint8
+            assert images.shape == (2, task.image_size, task.image_size, task.channels)
+            np.testing.assert_array_equal(images, generator.generate_base(prompts, [1, 2]))
+        if "denoise" in capabilities:
+            batch = self._batch(generator, task).subset(np.arange(4))
+            step = generator.denoise(batch, seed=5)
+            assert tuple(step.per_sample_loss.shape) == (4,) and tuple(step.signal_weight.shape) == (4,)
+            assert generator.denoise(batch, seed=5) is step, "the step must be cached for the losses to share"
+            predicted = step.predicted_images
+            assert tuple(predicted.shape) == (4, task.channels, task.image_size, task.image_size)
 
     def test_generates_reproducible_images_at_the_task_size(self, tmp_path) -> None:
         generator, task = self.built(tmp_path)
@@ -422,6 +442,7 @@ class GeneratorTests(_ComponentTests):
         before = generator.generate(probe_prompts, probe_seeds)
         metrics = generator.fine_tune(batch, [(self._loss(), 1.0)], seed=0)
         assert all(np.isfinite(v) for v in metrics.values())
+        assert f"loss_{self.loss[0]}" in metrics, "report each loss as loss_<registered name>"
         after = generator.generate(probe_prompts, probe_seeds)
         assert not np.array_equal(before, after), "fine-tuning did not change the adapter"
         path = tmp_path / "adapter.safetensors"

@@ -1,7 +1,8 @@
-"""Example third-party plugin: registers a client model and an aggregator through fedmmkt's hooks."""
+"""Example third-party plugin: registers a client model, an aggregator and a generator through fedmmkt's hooks."""
 
 from fedmmkt_core.hookspecs import hookimpl
 
+from .class_prototypes import ClassPrototypesGenerator
 from .majority_vote import MajorityVoteAggregator
 from .softmax_regression import SoftmaxRegressionClient
 
@@ -14,3 +15,8 @@ def register_client_models(register):
 @hookimpl
 def register_aggregators(register):
     register("majority-vote", MajorityVoteAggregator)
+
+
+@hookimpl
+def register_generators(register):
+    register("class-prototypes", ClassPrototypesGenerator)

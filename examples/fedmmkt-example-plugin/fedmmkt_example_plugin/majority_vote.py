@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from fedmmkt_core.errors import ClientFailure
 from fedmmkt_core.interfaces import Aggregator, ClientReply, ComponentConfig
 
 
@@ -22,12 +21,7 @@ class MajorityVoteAggregator(Aggregator):
     config: MajorityVoteConfig
 
     def aggregate(self, round_index: int, replies: Sequence[ClientReply]) -> np.ndarray:
-        if not replies:
-            raise ValueError("cannot aggregate zero replies")
-        shape = replies[0].logits.shape
-        for reply in replies:
-            if reply.logits.shape != shape or not np.isfinite(reply.logits).all():
-                raise ClientFailure(reply.client_id, "logits are misshaped or not finite")
+        shape = self.check_replies(replies)  # misshaped or non-finite logits: ClientFailure naming the client
         votes = np.zeros(shape, dtype=np.float64)
         rows = np.arange(shape[0])
         for reply in replies:
