@@ -26,6 +26,7 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ RESULT_FILE = RESULTS / "cost-digits.json"
 class ComputeTimer:
     """Wraps model calls with a timer; nested timed calls count once (the outermost)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self._local = threading.local()
@@ -54,12 +56,12 @@ class ComputeTimer:
             if depth:
                 return original(*args, **kwargs)
             timer._local.depth = 1
-            start = time.perf_counter()
+            start = timer.clock()
             try:
                 return original(*args, **kwargs)
             finally:
                 timer._local.depth = 0
-                timer.seconds[label] = timer.seconds.get(label, 0.0) + time.perf_counter() - start
+                timer.seconds[label] = timer.seconds.get(label, 0.0) + timer.clock() - start
                 timer.calls[label] = timer.calls.get(label, 0) + 1
 
         self._patched.append((owner, name, original))

@@ -201,7 +201,10 @@ class PluginManager:
     def add_plugin(self, plugin: ModuleType | object, package: str) -> Registry:
         """Register a plugin object at run time (tests, notebooks) and rebuild the registry."""
         self.register_module(plugin, package=package)
-        self.pm.check_pending()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"package '{package}' implements a hook that does not exist: {exc}") from exc
         self.registry = self._collect()
         return self.registry
 

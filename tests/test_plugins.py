@@ -92,7 +92,7 @@ def test_misspelt_hook_fails_loudly():
             register("x", ShadowKD)
 
     manager = PluginManager(load_entry_points=False)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(PluginError) as info:
         manager.add_plugin(Typo(), package="typo-pkg")
     assert "register_agregators" in str(info.value)
 

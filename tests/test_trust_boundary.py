@@ -111,3 +111,22 @@ def test_clients_can_be_evaluated_on_the_validation_split_carved_from_their_side
     runtime = ClientFactory(recipe).build(0)
     np.testing.assert_array_equal(runtime.test.images, splits.validation.images)
     np.testing.assert_array_equal(runtime.train.images, splits.train.images[partitions[0]])
+
+
+def test_the_protocol_splits_are_disjoint_and_cover_the_dataset():
+    """Train / test / oracle / public / validation never share a sample: every image carries its index."""
+    from fedmmkt_core.data import ImageSet, TaskSpec
+    from fedmmkt_core.splits import SplitConfig, protocol_splits
+
+    count = 1000
+    images = np.zeros((count, 8, 8, 1), np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 1, 0] = np.arange(count) % 256, np.arange(count) // 256
+    labels = np.arange(count) % 10
+    task = TaskSpec(tuple(str(c) for c in range(10)), image_size=8, channels=1)
+    config = SplitConfig(test_fraction=0.2, oracle_fraction=0.15, public_fraction=0.1, validation_fraction=0.1)
+    splits = protocol_splits(ImageSet(images, labels), task, config, seed=3)
+    parts = [splits.train, splits.test, splits.oracle, splits.public, splits.validation]
+    ids = [set((p.images[:, 0, 0, 0].astype(int) + 256 * p.images[:, 0, 1, 0].astype(int)).tolist()) for p in parts]
+    assert all(len(i) == len(p) for i, p in zip(ids, parts, strict=True))  # no sample twice within a split
+    assert sum(len(i) for i in ids) == count and set().union(*ids) == set(range(count))  # disjoint, complete
+    assert [len(p) for p in parts] == [450, 200, 150, 100, 100]
