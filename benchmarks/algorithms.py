@@ -19,6 +19,8 @@ from pathlib import Path
 from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.runner import Runner
 
+from .common import atomic_write_json
+
 ALGORITHMS = ["local", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"]
 GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt"}
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,7 +86,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": False},
         "algorithms": table,
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     header = f"{'algorithm':28} {'acc mean':>9} {'acc min':>8} {'CAS':>6} {'CAS0':>6} {'FID':>7} {'up B':>8} {'s':>6}"
     print(header)
     for algorithm, entry in table.items():

@@ -38,9 +38,10 @@ def machine() -> dict[str, Any]:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
+    """Every benchmark writes its results JSON through this (indented, then renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -25,6 +25,8 @@ import yaml
 from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.runner import Runner
 
+from .common import atomic_write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 AGGREGATORS = {"mean": "none", "median": "median", "screen": "screen"}  # variant name -> kd `robust`
 
@@ -135,7 +137,7 @@ def main() -> None:
         "results": results,
         "attacked_minus_clean": effect,
     }
-    target.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(target, payload)
     print(f"wrote {target}")
 
 

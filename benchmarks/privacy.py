@@ -19,6 +19,8 @@ from pathlib import Path
 from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.runner import Runner
 
+from .common import atomic_write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -82,7 +84,7 @@ def main() -> None:
         "delta": 1e-5,
         "results": rows,
     }
-    target.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(target, payload)
     print(f"wrote {target}")
 
 

@@ -176,8 +176,14 @@ def main(argv: list[str] | None = None) -> None:
         if valid(algorithm, client_set)
     ]
     command = "python -m benchmarks quality " + " ".join(
-        [f"--recipe {args.recipe}", f"--rounds {args.rounds}", "--seeds", *map(str, args.seeds),
-         "--alphas", *map(str, args.alphas)]
+        [
+            f"--recipe {args.recipe}",
+            f"--rounds {args.rounds}",
+            "--seeds",
+            *map(str, args.seeds),
+            "--alphas",
+            *map(str, args.alphas),
+        ]
         + (["--threads", str(args.threads)] if args.threads else [])
     )
 

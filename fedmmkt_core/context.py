@@ -42,7 +42,6 @@ class ClientInfo:
 
     client_id: int
     group_index: int
-    model_name: str
 
 
 @dataclass
@@ -70,7 +69,7 @@ class ServerContext:
         self.clients: list[ClientInfo] = []
         for group_index, group in enumerate(recipe.clients):
             for _ in range(group.count):
-                self.clients.append(ClientInfo(len(self.clients), group_index, group.name))
+                self.clients.append(ClientInfo(len(self.clients), group_index))
         self.events: EventSink = events or (lambda *args, **kwargs: None)
         self.aggregator: Aggregator | None = None
         self.generator: Generator | None = None

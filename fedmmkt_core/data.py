@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,7 +73,6 @@ class DataSplits:
     oracle: ImageSet | None = None
     public: ImageSet | None = None
     validation: ImageSet | None = None
-    extras: dict[str, ImageSet] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

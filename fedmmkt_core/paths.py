@@ -29,6 +29,3 @@ def _existing(value: Path, info: ValidationInfo) -> Path:
 
 InputPath = Annotated[Path, AfterValidator(_existing)]
 """A file or folder that must exist (resolved against the recipe's folder)."""
-
-OutputPath = Annotated[Path, AfterValidator(_resolve)]
-"""A path that may not exist yet (resolved against the recipe's folder)."""

@@ -10,7 +10,7 @@ from fedmmkt_core.data import TaskSpec
 from fedmmkt_core.lazy import lazy_import
 from fedmmkt_core.paths import InputPath
 
-from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module
+from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module, pretrained_hf_classifier
 
 transformers = lazy_import("transformers", "Install it with: pip install transformers")
 
@@ -34,11 +34,7 @@ class ResNetClient(TorchClassifier):
     def make_network(self, task: TaskSpec) -> Any:
         cfg = self.config
         if cfg.pretrained is not None:
-            model = transformers.ResNetForImageClassification.from_pretrained(
-                str(cfg.pretrained), num_labels=task.num_classes, ignore_mismatched_sizes=True
-            )
-            size = int(getattr(model.config, "image_size", 0) or task.image_size)
-            return hf_classifier_module(model, task, model.config.num_channels, max(size, task.image_size))
+            return pretrained_hf_classifier(transformers.ResNetForImageClassification, cfg.pretrained, task)
         if len(cfg.hidden_sizes) != len(cfg.depths):
             raise ValueError("hidden_sizes and depths must have the same length")
         config = transformers.ResNetConfig(

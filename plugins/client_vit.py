@@ -10,7 +10,7 @@ from fedmmkt_core.data import TaskSpec
 from fedmmkt_core.lazy import lazy_import
 from fedmmkt_core.paths import InputPath
 
-from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module
+from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module, pretrained_hf_classifier
 
 transformers = lazy_import("transformers", "Install it with: pip install transformers")
 
@@ -41,10 +41,7 @@ class ViTClient(TorchClassifier):
     def make_network(self, task: TaskSpec) -> Any:
         cfg = self.config
         if cfg.pretrained is not None:
-            model = transformers.ViTForImageClassification.from_pretrained(
-                str(cfg.pretrained), num_labels=task.num_classes, ignore_mismatched_sizes=True
-            )
-            return hf_classifier_module(model, task, model.config.num_channels, model.config.image_size)
+            return pretrained_hf_classifier(transformers.ViTForImageClassification, cfg.pretrained, task)
         if task.image_size % cfg.patch_size:
             raise ValueError(f"patch_size {cfg.patch_size} does not divide the image size {task.image_size}")
         config = transformers.ViTConfig(
