@@ -143,7 +143,7 @@ def partition(
     """Write each client's training share to OUT/client_K, to hand each site its own data.
 
     Exactly the share the recipe's partitioner cuts for client K (same images, labels, order). A Flower
-    SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see README)."""
+    SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see docs/flower.md)."""
     from fedmmkt_core.clientdata import write_partition
 
     loaded = _guard(_load, recipe, set_)

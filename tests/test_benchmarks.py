@@ -1,4 +1,4 @@
-"""The benchmark machinery: its arithmetic, its timer, and the README's results section being in sync."""
+"""The benchmark machinery: its arithmetic, its timer, and docs/results.md and README's headline being in sync."""
 
 import sys
 from pathlib import Path
@@ -67,6 +67,10 @@ def test_fedavg_cells_only_for_one_architecture():
 
 
 def test_readme_results_section_matches_the_result_files():
-    text = readme.README.read_text(encoding="utf-8")
+    text = readme.RESULTS_DOC.read_text(encoding="utf-8")
     generated = text.split(readme.BEGIN, 1)[1].split(readme.END, 1)[0]
     assert readme.BEGIN + generated + readme.END == readme.render(), "run: python -m benchmarks readme"
+    headline = readme.README.read_text(encoding="utf-8")
+    generated = headline.split(readme.HEADLINE_BEGIN, 1)[1].split(readme.HEADLINE_END, 1)[0]
+    assert readme.HEADLINE_BEGIN + generated + readme.HEADLINE_END == readme.render_headline()
+    assert "| **FedMMKT** |" in generated
