@@ -8,7 +8,7 @@ from pydantic import Field
 
 from fedmmkt_core.data import TaskSpec
 from fedmmkt_core.lazy import lazy_import
-from fedmmkt_core.paths import InputPath
+from fedmmkt_core.paths import PretrainedFolder
 
 from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module
 
@@ -16,8 +16,9 @@ transformers = lazy_import("transformers", "Install it with: pip install transfo
 
 
 class ResNetClientConfig(TorchClassifierConfig):
-    pretrained: InputPath | None = Field(
-        None, description="local directory saved by save_pretrained (or a hub snapshot); the head is replaced"
+    pretrained: PretrainedFolder | None = Field(
+        None,
+        description="save_pretrained folder with model.safetensors (no pickle weights); the head is replaced",
     )
     embedding_size: int = Field(16, ge=1, description="stem width (ignored with pretrained)")
     hidden_sizes: list[int] = Field([16, 32], min_length=1, description="widths of the stages")
@@ -35,7 +36,7 @@ class ResNetClient(TorchClassifier):
         cfg = self.config
         if cfg.pretrained is not None:
             model = transformers.ResNetForImageClassification.from_pretrained(
-                str(cfg.pretrained), num_labels=task.num_classes, ignore_mismatched_sizes=True
+                str(cfg.pretrained), num_labels=task.num_classes, ignore_mismatched_sizes=True, use_safetensors=True
             )
             size = int(getattr(model.config, "image_size", 0) or task.image_size)
             return hf_classifier_module(model, task, model.config.num_channels, max(size, task.image_size))
