@@ -20,7 +20,7 @@ import numpy as np
 from .data import ServerData, TaskSpec
 from .errors import ClientFailure
 from .seeding import derive_seed
-from .wire import Message, MessageError
+from .wire import Message, MessageError, check_reply_fields
 
 if TYPE_CHECKING:
     from .interfaces import Aggregator, AlignmentLoss, Backend, ClientModel, Generator
@@ -158,6 +158,7 @@ class ServerContext:
                     self.stats.bytes_up[client_id] = self.stats.bytes_up.get(client_id, 0) + reply.nbytes
                 if expect is not None and reply.type != expect:
                     raise MessageError(f"expected a '{expect}' reply, got '{reply.type}'")
+                check_reply_fields(reply)
                 if validate is not None:
                     validate(client_id, reply)
             except Exception as exc:  # every client fault is recorded, never fatal by itself

@@ -8,6 +8,8 @@ from the message's seed, so a run with faults is as reproducible as one without.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from typing import Literal
 
@@ -29,6 +31,22 @@ FAULT_DESCRIPTIONS: dict[str, str] = {
     "flip": "uploaded logits confidently name the wrong class (the honest top class + 1)",
     "poison": "flip, and the client claims `scale` times its class counts to dominate weighted averages",
 }
+
+
+CRASH_ENV = "FEDMMKT_CRASH_AT"
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(tag: str) -> None:
+    """Testing hook: ``FEDMMKT_CRASH_AT=TAG#N`` makes this process SIGKILL itself the N-th time it
+    reaches ``crash_point(TAG)`` (tags: ``round_start``, ``client_saved``, ``metrics_written``,
+    ``write:FILE_NAME`` between writing a file's temporary copy and renaming it into place)."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted or wanted.rpartition("#")[0] != tag:
+        return
+    _crash_counts[tag] = _crash_counts.get(tag, 0) + 1
+    if str(_crash_counts[tag]) == wanted.rpartition("#")[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ClientDropout(Exception):

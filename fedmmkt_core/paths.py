@@ -29,3 +29,20 @@ def _existing(value: Path, info: ValidationInfo) -> Path:
 
 InputPath = Annotated[Path, AfterValidator(_existing)]
 """A file or folder that must exist (resolved against the recipe's folder)."""
+
+
+def _safetensors_folder(value: Path, info: ValidationInfo) -> Path:
+    path = _existing(value, info)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder saved by save_pretrained")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise ValueError(
+            f"{path} holds no model.safetensors (found: {found}); only safetensors weights are read, never "
+            "pickle files such as pytorch_model.bin: re-save the model with save_pretrained(safe_serialization=True)"
+        )
+    return path
+
+
+PretrainedFolder = Annotated[Path, AfterValidator(_safetensors_folder)]
+"""A save_pretrained folder holding safetensors weights (pickle-based weight files are refused)."""

@@ -7,13 +7,15 @@ recipe's own structure, then each component's ``params`` against the ``Config`` 
 from __future__ import annotations
 
 import copy
+import math
+import re
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 from .errors import PluginError, RecipeError, RecipeIssue, UserError
 from .faults import FaultSpec
@@ -22,6 +24,12 @@ from .plugins import Registry, suggest
 from .privacy import SoftLabelPrivacy
 
 FORMAT_VERSION = 1
+MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is configuration: 1 MiB is far beyond any real one
+MAX_RECIPE_NODES = 100_000  # YAML values after alias expansion (guards against "billion laughs")
+MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists
+MAX_SEED = 2**32 - 1
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 class _Strict(BaseModel):
@@ -75,6 +83,7 @@ class FederationSection(_Strict):
     round_timeout: float | None = Field(
         None,
         gt=0,
+        le=MAX_ROUND_TIMEOUT,
         description="seconds each exchange waits for client replies; a client still busy then is recorded "
         "as timed out and left out of the round (null = wait for every client)",
     )
@@ -84,8 +93,14 @@ class Recipe(_Strict):
     """A whole experiment."""
 
     fedmmkt: Literal[1] = Field(description="recipe format version")
-    name: str = Field("run", description="a name for the run")
-    seed: int = Field(0, description="seeds data partition, client sampling, training and generation")
+    name: str = Field(
+        "run",
+        description="a name for the run (the default run directory is runs/NAME-TIME): 1-100 letters, digits, "
+        "'.', '_', '+', '-', starting with a letter or digit",
+    )
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds data partition, client sampling, training and generation"
+    )
     data: DataSection
     clients: list[ClientGroup] = Field(min_length=1, description="client groups, each with its client model")
     federation: FederationSection
@@ -101,6 +116,17 @@ class Recipe(_Strict):
 
     _base_dir: Path = PrivateAttr(default=Path("."))
     _registry: Registry | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not RUN_NAME.fullmatch(value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise ValueError(
+                f"run name {shown.encode('unicode_escape').decode('ascii')!r} is not allowed: it names a folder "
+                "under runs/, so use 1-100 letters, digits, '.', '_', '+', '-', starting with a letter or digit"
+            )
+        return value
 
     @property
     def base_dir(self) -> Path:
@@ -163,7 +189,15 @@ def load_recipe(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError([RecipeIssue("", f"the file is {size} bytes; a recipe may be at most {_LIMIT}")], str(path))
+    raw = path.read_bytes()[: MAX_RECIPE_BYTES + 1]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issue = RecipeIssue("", f"not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})")
+        raise RecipeError([issue], str(path)) from None
     return parse_recipe(text, base_dir=path.resolve().parent, overrides=overrides, registry=registry, source=str(path))
 
 
@@ -179,14 +213,23 @@ def parse_recipe(
         from .plugins import get_registry
 
         registry = get_registry()
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError([RecipeIssue("", f"the recipe is {len(text)} characters; the limit is {_LIMIT}")], source)
     try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_size(node)
         data = yaml.safe_load(text)
-        lines = _line_map(yaml.compose(text, Loader=yaml.SafeLoader))
+        lines = _line_map(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([RecipeIssue("", f"invalid YAML: {problem}", line)], source) from None
+    except _TooLarge as exc:
+        raise RecipeError([RecipeIssue("", str(exc), exc.line)], source) from None
+    except RecursionError:
+        message = f"nested too deeply (at most {MAX_RECIPE_DEPTH} levels of mappings and lists)"
+        raise RecipeError([RecipeIssue("", message)], source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -208,6 +251,10 @@ def parse_recipe(
         if origin is not None:
             message = f"{message} (from --set {origin})"
         return RecipeIssue(".".join(key), message, None if origin else _nearest_line(lines, key))
+
+    issues += [located(key, f"must be a finite number (got {value})") for key, value in _non_finite(data)]
+    if issues:
+        raise RecipeError(_dedupe(issues), source)
 
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": Path(base_dir)})
@@ -341,6 +388,53 @@ def _capability_checks(recipe: Recipe, registry: Registry, located) -> list[Reci
                 )
             )
     return issues
+
+
+_LIMIT = f"{MAX_RECIPE_BYTES // 1024} KiB"
+
+
+class _TooLarge(ValueError):
+    def __init__(self, message: str, line: int | None):
+        super().__init__(message)
+        self.line = line
+
+
+def _check_size(root: yaml.Node | None) -> None:
+    """Refuse a YAML tree deeper than MAX_RECIPE_DEPTH or larger than MAX_RECIPE_NODES once aliases are
+    expanded (sizes are memoised per node, so a billion laughs costs one pass over its few nodes)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_RECIPE_DEPTH:
+            message = f"nested too deeply (at most {MAX_RECIPE_DEPTH} levels of mappings and lists)"
+            raise _TooLarge(message, node.start_mark.line + 1)
+        if id(node) in sizes:
+            return sizes[id(node)]
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item, depth + 1) for item in node.value)
+        if total > MAX_RECIPE_NODES:
+            message = f"too many values once aliases are expanded (more than {MAX_RECIPE_NODES})"
+            raise _TooLarge(message, node.start_mark.line + 1)
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
+def _non_finite(data: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], float]]:
+    """Key paths of NaN and infinite numbers (YAML's .inf / .nan): no setting means them."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _non_finite(value, path + (key,))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _non_finite(value, path + (index,))
 
 
 # --------------------------------------------------------------------------- overrides

@@ -8,6 +8,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from hashlib import sha256 as _sha256
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,23 @@ import numpy as np
 
 from .context import EventSink, RoundFailed, ServerContext
 from .errors import PluginOutputError, UserError
+from .faults import crash_point
 from .interfaces import Algorithm, Backend, Logger
 from .loading import load_data, load_server_data
 from .outputs import check_metrics
 from .recipe import Recipe, dump_yaml
-from .rundir import RunDirectory, atomic_write_json, atomic_write_text, load_safetensors, save_safetensors
+from .rundir import (
+    LOCK_FILE,
+    RUN_FILE,
+    RunDirectory,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json_file,
+    save_safetensors,
+    sha256_file,
+)
 from .seeding import seed_everything
 
 log = logging.getLogger("fedmmkt")
@@ -40,6 +53,10 @@ SUMMARY_FROM_LAST_ROUND = (
 
 class RunFailed(Exception):
     """The run could not go on (e.g. too few clients); the message says why."""
+
+
+def sha256(data: bytes) -> str:
+    return _sha256(data).hexdigest()
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -66,28 +83,100 @@ class Runner:
         self.backend = backend
 
     def _prepare_directory(self) -> int:
-        """Create or check the run directory; return the number of rounds already completed."""
+        """Create the run directory's files, or (resume) verify it; return the rounds already completed.
+
+        A resume verifies everything before it changes anything: the stored recipe against the hash
+        recorded when the run started and against this recipe, state.json, every checkpoint file
+        against the hash recorded when it was written, metrics.jsonl against the checkpoint."""
         resolved = dump_yaml(self.recipe.resolved())
         state_path = self.run_dir.checkpoint_dir / "state.json"
         if self.resume:
-            if not self.run_dir.recipe_path.exists():
-                raise UserError(f"cannot resume: {self.run_dir.root} is not a run directory (no recipe.resolved.yaml)")
-            if self.run_dir.recipe_path.read_text(encoding="utf-8") != resolved:
-                raise UserError(
-                    f"cannot resume {self.run_dir.root}: the recipe differs from the one it was started with "
-                    f"({self.run_dir.recipe_path}); resume with the same recipe and --set options"
-                )
-            completed = json.loads(state_path.read_text())["rounds_completed"] if state_path.exists() else 0
-            rows = [row for row in self.run_dir.read_metrics() if row.get("round", 0) <= completed]
-            self.run_dir.write_metrics(rows)  # drop a round that finished writing metrics but not its checkpoint
+            completed, rows = self._verify_resume(resolved)
+            kept = [row for row in rows if row["round"] <= completed]
+            if len(kept) != len(rows):  # a round that finished writing metrics but not its checkpoint
+                self.run_dir.write_metrics(kept)
             return completed
-        if self.run_dir.metrics_path.exists() or state_path.exists():
+        if self.run_dir.metrics_path.exists() or state_path.exists() or self.run_dir.recipe_path.exists():
             raise UserError(
                 f"{self.run_dir.root} already holds a run; pass --resume to continue it or --out for a new directory"
             )
-        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir.root / RUN_FILE, {"recipe_sha256": sha256(resolved.encode("utf-8"))})
         atomic_write_text(self.run_dir.recipe_path, resolved)
         return 0
+
+    def _verify_resume(self, resolved: str) -> tuple[int, list[dict[str, Any]]]:
+        """Check a run directory before resuming it; return (rounds completed, metrics rows)."""
+        root = self.run_dir.root
+        recipe_path = self.run_dir.recipe_path
+        if not recipe_path.is_file():
+            raise UserError(f"cannot resume: {root} is not a run directory (no recipe.resolved.yaml)")
+        manifest = read_json_file(root / RUN_FILE, "cannot resume: run record")
+        recorded = manifest.get("recipe_sha256") if isinstance(manifest, dict) else None
+        if not isinstance(recorded, str):
+            raise UserError(f"cannot resume: {root / RUN_FILE} holds no recipe_sha256")
+        if sha256(recipe_path.read_bytes()) != recorded:
+            raise UserError(
+                f"cannot resume {root}: {recipe_path} was changed after the run started (its sha256 differs "
+                f"from the one in {RUN_FILE}); restore it or start a new run"
+            )
+        if recipe_path.read_bytes() != resolved.encode("utf-8"):
+            raise UserError(
+                f"cannot resume {root}: the recipe differs from the one it was started with "
+                f"({recipe_path}); resume with the same recipe and --set options"
+            )
+        state_path = self.run_dir.checkpoint_dir / "state.json"
+        completed = 0
+        if state_path.exists():
+            state = read_json_file(state_path, "cannot resume: checkpoint state")
+            completed = self._check_state(state, state_path, recorded)
+        rows = self.run_dir.read_metrics()
+        done = [row.get("round") if isinstance(row, dict) else None for row in rows]
+        if done[:completed] != list(range(1, completed + 1)) or any(
+            not isinstance(r, int) or r <= completed for r in done[completed:]
+        ):
+            raise UserError(
+                f"cannot resume {root}: {self.run_dir.metrics_path} does not hold rounds 1..{completed} "
+                f"that {state_path} says were completed (rounds found: {done[:20]})"
+            )
+        return completed, rows
+
+    def _check_state(self, state: Any, state_path: Path, recipe_sha256: str) -> int:
+        """Validate state.json's fields and every checkpoint file it records; return rounds completed."""
+        where = f"cannot resume {self.run_dir.root}: {state_path}"
+        rounds = self.recipe.federation.rounds
+        if not isinstance(state, dict):
+            raise UserError(f"{where} is not a JSON object")
+        completed = state.get("rounds_completed")
+        if not isinstance(completed, int) or isinstance(completed, bool) or not 1 <= completed <= rounds:
+            raise UserError(f"{where}: rounds_completed must be a whole number from 1 to {rounds}, got {completed!r}")
+        files = state.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise UserError(f"{where} records no checkpoint hashes (files); it was not written by this fedmmkt")
+        if state.get("recipe_sha256") != recipe_sha256:
+            raise UserError(f"{where} belongs to another recipe than {self.run_dir.recipe_path}")
+        if not isinstance(state.get("algorithm"), dict) or state.get("algorithm_arrays") not in files:
+            raise UserError(f"{where}: 'algorithm' / 'algorithm_arrays' are missing or not recorded in files")
+        directory = self.run_dir.checkpoint_dir
+        for name, digest in sorted(files.items()):
+            path = directory / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise UserError(f"{where}: checkpoint name {name!r} leaves the checkpoint folder")
+            if not path.is_file():
+                raise UserError(f"cannot resume {self.run_dir.root}: checkpoint {path} is missing")
+            if sha256_file(path) != digest:
+                raise UserError(
+                    f"cannot resume {self.run_dir.root}: checkpoint {path} is damaged (its sha256 differs "
+                    "from the one recorded when it was written)"
+                )
+        loaded = set(self.run_dir.client_checkpoints(completed))
+        recorded_clients = {name for name in files if name.startswith("clients/")}
+        if loaded != recorded_clients:
+            names = ", ".join(sorted(loaded ^ recorded_clients))
+            raise UserError(
+                f"cannot resume {self.run_dir.root}: client checkpoints differ from those recorded in "
+                f"{state_path} ({names})"
+            )
+        return completed
 
     def run(self) -> dict[str, Any]:
         backend = self.backend if self.backend is not None else self.recipe.build("backend", self.recipe.backend)
@@ -96,23 +185,51 @@ class Runner:
         if summary is not None:
             return summary
         self.backend = backend  # the same instance runs the round loop
-        existed = self.run_dir.root.exists()
-        completed = self._prepare_directory()
+        root = self.run_dir.root
+        if self.resume and not root.is_dir():
+            raise UserError(f"cannot resume: {root} is not a run directory")
+        existed = root.exists()
+        if not existed:
+            try:
+                root.mkdir(parents=True)
+            except OSError as exc:
+                raise UserError(f"cannot create the run directory {root}: {exc.strerror or exc}") from None
+        elif not root.is_dir():
+            raise UserError(f"the run directory {root} exists and is not a folder")
+        lock = RunLock.acquire(root)
+        try:
+            completed = self._prepare_directory()
+        except BaseException:
+            lock.release(restore=True)  # refused before changing anything
+            if not existed:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        if lock.stale is not None:
+            log.warning(
+                "%s was left by pid %s on %s (started %s), which is no longer running: taking it over",
+                LOCK_FILE,
+                lock.stale.get("pid"),
+                lock.stale.get("host"),
+                lock.stale.get("started"),
+            )
         discard = False
         try:
             return self._run(completed)
-        except UserError:
-            # Bad input found before any round finished (data, checkpoint...): leave nothing behind
-            # that looks like a result. An interrupted run keeps its directory, to resume.
+        except KeyboardInterrupt:
+            raise  # an interrupted run keeps its directory, to resume
+        except BaseException:
+            # Any failure before the first round finished (bad data, a crash in set-up...): leave
+            # nothing behind that looks like a result.
             discard = not self.resume and not self.run_dir.read_metrics()
             raise
         finally:
             log.removeHandler(handler)
             handler.close()
+            lock.release()
             if discard:
                 self._discard(existed)
 
@@ -123,6 +240,7 @@ class Runner:
             return
         for path in (self.run_dir.recipe_path, self.run_dir.log_path, self.run_dir.metrics_path):
             path.unlink(missing_ok=True)
+        (self.run_dir.root / RUN_FILE).unlink(missing_ok=True)
         for folder in (self.run_dir.checkpoint_dir, self.run_dir.root / "samples"):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -214,6 +332,7 @@ class Runner:
 
     def _round(self, ctx: ServerContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
         start = time.perf_counter()
+        crash_point("round_start")
         seed_everything(ctx.seed_for("round", round_index))
         ctx.begin_round(round_index)
         self.events("round_start", round=round_index + 1, rounds=self.recipe.federation.rounds)
@@ -243,6 +362,7 @@ class Runner:
         # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
         # stale metrics row is dropped (see _prepare_directory).
         self.run_dir.append_metrics(row)
+        crash_point("metrics_written")
         self._save_checkpoint(ctx, algorithm, round_index + 1)
         log.info("round %d: %s", round_index + 1, json.dumps({k: v for k, v in row.items() if k != "client_accuracy"}))
         self.events("round_end", round=round_index + 1, metrics=row)
@@ -266,7 +386,19 @@ class Runner:
         save_safetensors(directory / arrays_name, arrays)
         if ctx.generator is not None:  # only built for algorithms that use it
             ctx.generator.save_adapter(directory / f"generator.r{rounds_completed}.safetensors")
-        state = {"rounds_completed": rounds_completed, "algorithm": values, "algorithm_arrays": arrays_name}
+        files = {arrays_name: sha256_file(directory / arrays_name)}
+        if ctx.generator is not None:
+            name = f"generator.r{rounds_completed}.safetensors"
+            files[name] = sha256_file(directory / name)
+        for name, path in self.run_dir.client_checkpoints(rounds_completed).items():
+            files[name] = sha256_file(path)
+        state = {
+            "rounds_completed": rounds_completed,
+            "algorithm": values,
+            "algorithm_arrays": arrays_name,
+            "recipe_sha256": sha256(self.run_dir.recipe_path.read_bytes()),
+            "files": files,
+        }
         atomic_write_json(directory / "state.json", state)
         for old in directory.glob("*.r*.safetensors"):
             match = re.fullmatch(r"(algorithm|generator)\.r(\d+)\.safetensors", old.name)
@@ -275,7 +407,7 @@ class Runner:
 
     def _load_checkpoint(self, ctx: ServerContext, algorithm: Algorithm, completed: int) -> None:
         directory = self.run_dir.checkpoint_dir
-        state = json.loads((directory / "state.json").read_text())
+        state = read_json_file(directory / "state.json", "checkpoint state")
         arrays = load_safetensors(directory / state["algorithm_arrays"])
         algorithm.load_state(state["algorithm"], arrays)
         if ctx.generator is not None:

@@ -8,6 +8,7 @@ what the toolkit reports as bytes on the wire.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,10 +64,13 @@ class Message:
         if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
             raise MessageError(f"message header length {header_len} is impossible for {len(data)} bytes")
         try:
-            header = json.loads(data[8 : 8 + header_len])
-            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"))
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
-            raise MessageError(f"message header is not valid JSON: {exc}") from exc
+            strict = {"parse_constant": _refuse_constant, "parse_float": _finite}
+            header = json.loads(data[8 : 8 + header_len], **strict)
+            meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "null"), **strict)
+        except RecursionError:
+            raise MessageError("message header is nested too deeply") from None
+        except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise MessageError(f"message header is not valid JSON: {type(exc).__name__}: {exc}") from None
         if (
             not isinstance(meta, dict)
             or not isinstance(meta.get("type"), str)
@@ -78,6 +82,22 @@ class Message:
         except Exception as exc:  # safetensors raises its own error types
             raise MessageError(f"message body is not valid safetensors: {exc}") from exc
         return cls(meta["type"], meta["config"], arrays, _encoded=bytes(data))
+
+    def number(self, key: str, low: float, high: float, required: bool = True, integer: bool = False) -> float | None:
+        """A config value checked to be a finite number (``integer``: a whole one) in [low, high];
+        ``None`` when it is absent and not ``required``."""
+        if key not in self.config:
+            if required:
+                raise MessageError(f"'{self.type}' message has no '{key}'")
+            return None
+        value = self.config[key]
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            want = "a whole number" if integer else "a number"
+            raise MessageError(f"'{key}' must be {want}, got {type(value).__name__}")
+        if not math.isfinite(value) or not low <= value <= high:
+            raise MessageError(f"'{key}' is {value!r}, outside [{low:g}, {high:g}]")
+        return value
 
     def array(
         self,
@@ -105,6 +125,30 @@ class Message:
     def weights(self, prefix: str = "weights/") -> dict[str, np.ndarray]:
         """Arrays whose names start with ``prefix``, with the prefix removed."""
         return {k[len(prefix) :]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+
+
+# Config fields of replies the core and the built-in algorithms read: (low, high, required, integer).
+REPLY_FIELDS: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
+    "fit_reply": {"loss": (-1e6, 1e6, False, False), "num_samples": (0, 2**40, False, True)},
+    "evaluate_reply": {"accuracy": (0.0, 1.0, True, False), "num_test": (0, 2**40, False, True)},
+}
+
+
+def check_reply_fields(message: Message) -> None:
+    """Check the config fields of :data:`REPLY_FIELDS` for the message's type (a MessageError if not)."""
+    for key, (low, high, required, integer) in REPLY_FIELDS.get(message.type, {}).items():
+        message.number(key, low, high, required=required, integer=integer)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not plain finite JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows to {value}")
+    return value
 
 
 def with_prefix(arrays: dict[str, np.ndarray], prefix: str = "weights/") -> dict[str, np.ndarray]:

@@ -56,7 +56,8 @@ class FedAvg(Algorithm):
                 acc += reply.weights()[name].astype(np.float64) * (int(reply.config["num_samples"]) / total)
             averaged[name] = acc.astype(current.dtype)
         self.global_weights = averaged
-        return {"train_loss": float(np.mean([float(r.config["loss"]) for r in replies.values()]))}
+        losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
+        return {"train_loss": float(np.mean(losses))} if losses else {}
 
     def _check_weights(self, client_id: int, reply: Message) -> None:
         weights = reply.weights()

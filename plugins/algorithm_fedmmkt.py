@@ -30,7 +30,7 @@ MAX_ABS_LOGIT = 1000.0
 
 
 class FedMMKTConfig(ComponentConfig):
-    samples_per_class: int = Field(30, ge=1, description="synthetic pairs per class per round")
+    samples_per_class: int = Field(30, ge=1, le=10_000, description="synthetic pairs per class per round")
     kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
     logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
@@ -61,7 +61,7 @@ class FedMMKTConfig(ComponentConfig):
         1.0, ge=0, le=1, description="β: a trusted image's target is (1-β)·q_j + β·onehot(c_j)"
     )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
-    eval_samples_per_class: int = Field(30, ge=2, description="images per class for CAS / Fréchet distance")
+    eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
     grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
 
 

@@ -17,7 +17,7 @@ from pydantic import Field
 from fedmmkt_core.client import ClientFactory, ClientRuntime, ClientStateStore
 from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import ClientFailure
-from fedmmkt_core.faults import ClientDropout
+from fedmmkt_core.faults import ClientDropout, crash_point
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.wire import Message
 
@@ -66,6 +66,7 @@ class InProcessBackend(Backend):
                 replies[client_id] = Message.decode(reply.encode())
                 if runtime.weights_changed:
                     self.store.save(client_id, round_index, runtime.model.get_weights())
+                    crash_point("client_saved")
                 if self.config.resident_clients:
                     self.resident[client_id] = runtime
                     while len(self.resident) > self.config.resident_clients:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from fedmmkt_core.data import TaskSpec
 from fedmmkt_core.lazy import lazy_import
-from fedmmkt_core.paths import InputPath
+from fedmmkt_core.paths import PretrainedFolder
 
 from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module, pretrained_hf_classifier
 
@@ -16,8 +16,9 @@ transformers = lazy_import("transformers", "Install it with: pip install transfo
 
 
 class ResNetClientConfig(TorchClassifierConfig):
-    pretrained: InputPath | None = Field(
-        None, description="local directory saved by save_pretrained (or a hub snapshot); the head is replaced"
+    pretrained: PretrainedFolder | None = Field(
+        None,
+        description="save_pretrained folder with model.safetensors (no pickle weights); the head is replaced",
     )
     embedding_size: int = Field(16, ge=1, description="stem width (ignored with pretrained)")
     hidden_sizes: list[int] = Field([16, 32], min_length=1, description="widths of the stages")

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from fedmmkt_core.data import TaskSpec
 from fedmmkt_core.lazy import lazy_import
-from fedmmkt_core.paths import InputPath
+from fedmmkt_core.paths import PretrainedFolder
 
 from .torch_classifier import TorchClassifier, TorchClassifierConfig, hf_classifier_module, pretrained_hf_classifier
 
@@ -16,8 +16,9 @@ transformers = lazy_import("transformers", "Install it with: pip install transfo
 
 
 class ViTClientConfig(TorchClassifierConfig):
-    pretrained: InputPath | None = Field(
-        None, description="local directory saved by save_pretrained (or a hub snapshot); the head is replaced"
+    pretrained: PretrainedFolder | None = Field(
+        None,
+        description="save_pretrained folder with model.safetensors (no pickle weights); the head is replaced",
     )
     patch_size: int = Field(2, ge=1, description="side of a patch in pixels (must divide the image size)")
     hidden_size: int = Field(32, ge=1)

@@ -16,6 +16,8 @@ from fedmmkt_core.lazy import lazy_import
 from fedmmkt_core.paths import InputPath
 from fedmmkt_core.splits import SplitConfig, protocol_splits
 
+from .dataset_imagefolder import check_pixels
+
 hf_datasets = lazy_import("datasets", "Install it with: pip install datasets")
 PIL_Image = lazy_import("PIL.Image", "Install it with: pip install pillow")
 
@@ -131,7 +133,7 @@ class HFDiskDataset(Dataset):
                         raise ValueError("the image is missing")
                     image = decoder.decode_example(value) if decoder is not None else _to_pil(value)
                     out[start + offset] = self._fit(image)
-                except DECODE_ERRORS as exc:
+                except (*DECODE_ERRORS, PIL_Image.DecompressionBombError) as exc:
                     raise DataError(
                         f"{where}: cannot decode the image in row {row} of column '{cfg.image_column}': {exc}"
                     ) from None
@@ -168,6 +170,7 @@ def _to_pil(value: Any) -> Any:
         value = value["bytes"]
     if isinstance(value, (bytes, bytearray)):
         image = PIL_Image.open(BytesIO(value))
+        check_pixels(image)
         image.load()
         return image
     array = np.asarray(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -18,7 +18,15 @@ from fedmmkt_core.splits import SplitConfig, protocol_splits
 
 PIL_Image = lazy_import("PIL.Image", "Install it with: pip install pillow")
 
+MAX_PIXELS = 8192 * 8192  # larger images are refused before they are decoded (decompression bombs)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def check_pixels(image: Any) -> None:
+    """Refuse an opened, not yet decoded PIL image larger than MAX_PIXELS (ValueError)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"the image is {width}x{height} pixels; at most {MAX_PIXELS} pixels are read")
 
 
 class ImageFolderConfig(SplitConfig):
@@ -39,6 +47,7 @@ class ImageFolderDataset(Dataset):
         root = Path(cfg.root)
         if not root.is_dir():
             raise DataError(f"image folder {root} is not a directory")
+        inside = root.resolve()
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if len(class_dirs) < 2:
             raise DataError(f"image folder {root} needs at least two class sub-folders, found {len(class_dirs)}")
@@ -46,6 +55,12 @@ class ImageFolderDataset(Dataset):
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):
             images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            for path in [class_dir, *images]:
+                if not path.resolve().is_relative_to(inside):
+                    raise DataError(
+                        f"{path} is a link to {path.resolve()}, outside the image folder {root}: links may only "
+                        "point inside it"
+                    )
             if not images:
                 raise DataError(f"class folder {class_dir} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += images
@@ -61,10 +76,11 @@ class ImageFolderDataset(Dataset):
         size = self.config.image_size
         try:
             with PIL_Image.open(path) as image:
+                check_pixels(image)
                 image = image.convert("L" if self.config.channels == 1 else "RGB")
                 image = image.resize((size, size), PIL_Image.Resampling.BILINEAR)
                 array = np.asarray(image, dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, PIL_Image.DecompressionBombError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from None
         return array.reshape(size, size, self.config.channels)
 
@@ -74,7 +90,11 @@ class ImageFolderDataset(Dataset):
         if not path.exists():
             return captions
         index = {f.relative_to(root).as_posix(): i for i, f in enumerate(files)}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); write captions as UTF-8 JSON lines") from None
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -159,6 +159,8 @@ def hf_classifier_module(model: Any, task: TaskSpec, model_channels: int, model_
 def pretrained_hf_classifier(model_class: Any, path: Any, task: TaskSpec) -> Any:
     """A transformers image classifier loaded from a local ``save_pretrained`` folder with a new head of
     ``task.num_classes``, wrapped by :func:`hf_classifier_module` at the checkpoint's own geometry."""
-    model = model_class.from_pretrained(str(path), num_labels=task.num_classes, ignore_mismatched_sizes=True)
+    model = model_class.from_pretrained(
+        str(path), num_labels=task.num_classes, ignore_mismatched_sizes=True, use_safetensors=True
+    )
     size = int(getattr(model.config, "image_size", 0) or task.image_size)
     return hf_classifier_module(model, task, model.config.num_channels, size)

@@ -13,6 +13,7 @@ from test_imagefolder import write_folder
 from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import parse_recipe
+from fedmmkt_core.rundir import sha256_file
 from fedmmkt_core.runner import Runner
 
 cli = CliRunner()
@@ -102,6 +103,13 @@ def interrupted_after_round_1(recipe, out: Path) -> None:
         Runner(recipe, out, events=stop).run()
 
 
+def record_hash(out: Path, name: str) -> None:
+    state_path = out / "checkpoints" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["files"][name] = sha256_file(out / "checkpoints" / name)
+    state_path.write_text(json.dumps(state))
+
+
 def test_truncated_checkpoint_on_resume(tmp_path):
     out = tmp_path / "run"
     recipe_file = local_recipe(tmp_path)
@@ -110,7 +118,7 @@ def test_truncated_checkpoint_on_resume(tmp_path):
     interrupted_after_round_1(load_recipe(recipe_file), out)
     checkpoint = out / "checkpoints" / "algorithm.r1.safetensors"
     checkpoint.write_bytes(checkpoint.read_bytes()[:5])
-    assert_refused(run_cli("--resume", out), "cannot read checkpoint", "algorithm.r1.safetensors")
+    assert_refused(run_cli("--resume", out), "algorithm.r1.safetensors is damaged")
     assert not (out / "summary.json").exists()
 
 
@@ -122,6 +130,7 @@ def test_mismatched_lora_file_on_resume(tmp_path):
     name = next(k for k in sorted(weights) if "lora.down" in k)
     weights[name] = np.concatenate([weights[name], weights[name]])  # as if trained with twice the rank
     save_file(weights, lora)
+    record_hash(out, "generator.r1.safetensors")  # consistent but incompatible: the adapter's own check
     assert_refused(run_cli("--resume", out), "generator.r1.safetensors", "another rank")
     assert not (out / "summary.json").exists()
     assert json.loads((out / "checkpoints" / "state.json").read_text())["rounds_completed"] == 1

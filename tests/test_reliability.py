@@ -1,15 +1,18 @@
-"""A run killed with SIGKILL resumes to the same result; the same seed gives byte-identical metrics."""
+"""A run killed with SIGKILL (at five moments, one after another) resumes to the same result; the same
+seed gives byte-identical metrics."""
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from test_fedmmkt import RECIPE
+from test_hostile_inputs import local_recipe
 
+from fedmmkt_core.faults import CRASH_ENV
 from fedmmkt_core.recipe import parse_recipe
 from fedmmkt_core.runner import Runner
 
@@ -22,9 +25,12 @@ def without_timing(metrics_file: Path) -> bytes:
     return TIMING.sub("", metrics_file.read_text(encoding="utf-8")).encode()
 
 
-def fedmmkt(*args: str) -> subprocess.Popen:
+def fedmmkt(*args: str, crash_at: str | None = None) -> subprocess.Popen:
     cli = Path(sys.executable).with_name("fedmmkt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop(CRASH_ENV, None)
+    if crash_at is not None:
+        env[CRASH_ENV] = crash_at
     return subprocess.Popen(
         [str(cli), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -39,31 +45,40 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> None:
     assert process.returncode == 0, stderr.decode(errors="replace")
 
 
-def test_sigkill_during_round_2_then_resume_gives_identical_final_metrics(tmp_path):
-    rounds = ["--set", "federation.rounds=4"]
-    finish(fedmmkt("run", str(SMOKE), *rounds, "--out", str(tmp_path / "full")))
+# Where each SIGKILL lands (the process kills itself at a crash point: no timing races), and the
+# rounds the checkpoint holds afterwards. The kills follow each other: every run resumes the last.
+KILLS = [
+    ("round_start#2", 1),  # between rounds
+    ("client_saved#2", 1),  # inside round 2, after the second client's weights were written
+    ("metrics_written#1", 1),  # round 2's metrics written, its checkpoint not
+    ("write:state.json#1", 1),  # round 2's checkpoint state being written (temporary file, not renamed)
+    ("write:algorithm.r3.safetensors#1", 2),  # round 3's checkpoint being written
+]
 
-    victim = fedmmkt("run", str(SMOKE), *rounds, "--out", str(tmp_path / "cut"))
-    metrics = tmp_path / "cut" / "metrics.jsonl"
-    state = tmp_path / "cut" / "checkpoints" / "state.json"
-    try:
-        deadline = time.monotonic() + 600
-        # round 1's checkpoint is the last thing it writes: from then on the process is in round 2
-        while not (state.exists() and '"rounds_completed": 1' in state.read_text()):
-            assert victim.poll() is None, victim.stderr.read().decode(errors="replace")
-            assert time.monotonic() < deadline, "round 1 never finished"
-            time.sleep(0.05)
-        assert victim.poll() is None
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    assert metrics.read_text().count("\n") == 1, "the kill landed after round 2 had finished"
-    assert not (tmp_path / "cut" / "summary.json").exists()
 
-    finish(fedmmkt("run", "--resume", str(tmp_path / "cut")))
-    assert without_timing(metrics) == without_timing(tmp_path / "full" / "metrics.jsonl")
-    assert metrics.read_text().count("\n") == 4
+def test_sigkill_at_five_moments_then_resume_gives_identical_metrics(tmp_path):
+    recipe = local_recipe(tmp_path)  # the smallest recipe: 2 CNN clients, local training
+    recipe.write_text(
+        recipe.read_text().replace("rounds: 2", "rounds: 3").replace("hidden: 16}", "hidden: 16, epochs: 1}")
+    )
+    Runner(parse_recipe(recipe.read_text()), tmp_path / "full").run()
+    out = tmp_path / "cut"
+    for number, (crash_at, completed) in enumerate(KILLS):
+        args = ("run", str(recipe), "--out", str(out)) if number == 0 else ("run", "--resume", str(out))
+        victim = fedmmkt(*args, crash_at=crash_at)
+        try:
+            _, stderr = victim.communicate(timeout=600)
+        finally:
+            if victim.poll() is None:
+                os.killpg(victim.pid, signal.SIGKILL)
+        assert victim.returncode == -signal.SIGKILL, (crash_at, stderr.decode(errors="replace"))
+        state = json.loads((out / "checkpoints" / "state.json").read_text())
+        assert state["rounds_completed"] == completed, crash_at
+        assert (out / "run.lock").exists()  # left by the killed process
+    finish(fedmmkt("run", "--resume", str(out)))
+    assert without_timing(out / "metrics.jsonl") == without_timing(tmp_path / "full" / "metrics.jsonl")
+    assert "which is no longer running: taking it over" in (out / "log.txt").read_text()
+    assert not (out / "run.lock").exists()
 
 
 def test_same_seed_gives_byte_identical_metrics(tmp_path):
