@@ -31,11 +31,31 @@ VARIANTS: dict[str, list[str]] = {
     "aggregator=uniform": ["aggregator.params.weighting=uniform"],
     "aggregator=class_aware": ["aggregator.params.weighting=class_aware"],
     "base_fraction=0": ["algorithm.params.base_fraction=0.0"],
+    "base_fraction=0.5": ["algorithm.params.base_fraction=0.5"],
     "base_fraction=1": ["algorithm.params.base_fraction=1.0"],
     "kd_weight=2": ["algorithm.params.kd_weight=2.0"],
     "kd_temperature=3": ["algorithm.params.kd_temperature=3.0", "aggregator.params.temperature=3.0"],
 }
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+
+
+def baseline(recipe_path: Path) -> dict[str, Any]:
+    """The recipe's own FedMMKT settings, which every variant changes one of: a run measured around other
+    settings (an earlier default) is labelled with the difference and is not taken for the current one."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    return dict(recipe.get("algorithm", {}).get("params") or {})
+
+
+def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
+    """A run's variant, with the settings it was measured around where they differ from ``current``."""
+    around = run.get("baseline")
+    if current is None or around is None or around == current:
+        return run["variant"]
+    keys = sorted(set(around) | set(current))
+    changed = ", ".join(f"{k}={around.get(k)}" for k in keys if around.get(k) != current.get(k))
+    return f"{run['variant']} (around {changed})"
 
 
 def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, variant: str, rounds: int, out: Path):
@@ -56,17 +76,24 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
     summary = Runner(recipe, run_dir).run()
     return {
         "client_set": client_set, "alpha": alpha, "seed": seed, "variant": variant, "overrides": overrides,
-        "process_seconds": time.perf_counter() - start, **{k: summary[k] for k in METRICS if k in summary},
+        "baseline": baseline(recipe_path), "process_seconds": time.perf_counter() - start,
+        **{k: summary[k] for k in METRICS if k in summary},
     }  # fmt: skip
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Mean ± spread per (client set, α, variant); ``current`` is the recipe's FedMMKT settings now."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["client_set"], run["alpha"], run["variant"]), []).append(run)
+        groups.setdefault((run["client_set"], run["alpha"], label(run, current)), []).append(run)
     order = {v: i for i, v in enumerate(VARIANTS)}
+
+    def position(key: tuple) -> tuple:  # current settings first, then runs around earlier ones
+        variant, _, around = key[2].partition(" (around ")
+        return (*key[:2], around, order.get(variant, len(order)))
+
     table = []
-    for (client_set, alpha, variant), members in sorted(groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]])):
+    for (client_set, alpha, variant), members in sorted(groups.items(), key=lambda kv: position(kv[0])):
         row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "variant": variant,
                                "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
         for key in METRICS:
@@ -107,14 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     setting = {"recipe": str(args.recipe), "rounds": args.rounds, "torch_threads": threads, "split": "validation"}
     previous = json.loads(result_file.read_text()) if result_file.exists() else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
-    done = {(r["client_set"], r["alpha"], r["seed"], r["variant"]) for r in runs}
+    current = baseline(args.recipe)
+    done = {(r["client_set"], r["alpha"], r["seed"], r["variant"]) for r in runs if r.get("baseline") == current}
     cells = [(c, a, s, v) for c in args.client_sets for a in args.alphas for s in args.seeds for v in args.variants]
     todo = [cell for cell in cells if cell not in done]
     command = f"python -m benchmarks ablations --recipe {args.recipe} --rounds {args.rounds}"
 
     def save() -> None:
         atomic_write_json(result_file, {"setting": setting, "command": command, "machine": machine(), "runs": runs,
-                                        "table": summarize(runs)})  # fmt: skip
+                                        "baseline": current, "table": summarize(runs, current)})  # fmt: skip
 
     print(f"{len(cells)} cells, {len(todo)} to run", flush=True)
     for index, (client_set, alpha, seed, variant) in enumerate(todo, 1):
@@ -125,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(result)
         save()
     save()
-    print_table(summarize(runs))
+    print_table(summarize(runs, current))
     print(f"wrote {result_file}")
 
 

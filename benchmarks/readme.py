@@ -154,6 +154,7 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
 def ablations_section(data: dict[str, Any] | None, file: str) -> list[str]:
     if data is None:
         return []
+    from .ablations import baseline
     from .ablations import summarize as summarize_ablations
 
     recipe = data["setting"]["recipe"]
@@ -167,7 +168,7 @@ def ablations_section(data: dict[str, Any] | None, file: str) -> list[str]:
         "| clients | α | variant | validation acc. mean | acc. min | generator CAS | seeds |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in summarize_ablations(data["runs"]):
+    for row in summarize_ablations(data["runs"], baseline(Path(recipe))):
         lines.append(
             f"| {row['client_set']} | {row['alpha']} | {row['variant']} | {pm(row.get('client_accuracy_mean'))} | "
             f"{pm(row.get('client_accuracy_min'))} | {pm(row.get('generator_cas'))} | {len(row['seeds'])} |"

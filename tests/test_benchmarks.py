@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
 
-from benchmarks import quality, readme  # noqa: E402
+from benchmarks import ablations, quality, readme  # noqa: E402
 from benchmarks.common import spread  # noqa: E402
 from benchmarks.cost import ComputeTimer  # noqa: E402
 from benchmarks.scale import slope  # noqa: E402
@@ -64,6 +64,19 @@ def test_fedavg_cells_only_for_one_architecture():
     cells = [(c, a) for c in quality.CLIENT_SETS for a in quality.ALGORITHMS if quality.valid(a, c)]
     assert ("heterogeneous", "fedavg") not in cells and ("homogeneous", "fedavg") in cells
     assert len(cells) == 13  # 7 algorithms on one client set, 6 on the other
+
+
+def test_ablation_runs_around_an_earlier_default_are_labelled_and_not_reused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm:\n  name: fedmmkt\n  params: {base_fraction: 1.0, kd_weight: 1.0}\n")
+    current = ablations.baseline(recipe)
+    assert current == {"base_fraction": 1.0, "kd_weight": 1.0}
+    old = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, "variant": "kd_weight=2",
+           "baseline": {"base_fraction": 0.5, "kd_weight": 1.0}, "client_accuracy_mean": 0.6}  # fmt: skip
+    new = {**old, "baseline": current, "client_accuracy_mean": 0.8}
+    rows = ablations.summarize([old, new], current)
+    assert [r["variant"] for r in rows] == ["kd_weight=2", "kd_weight=2 (around base_fraction=0.5)"]
+    assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.8, 0.6]
 
 
 def test_readme_results_section_matches_the_result_files():
