@@ -340,7 +340,10 @@ class Runner:
         try:
             metrics = check_metrics(algorithm.run_round(ctx, round_index), owner)
             metrics.update(check_metrics(algorithm.evaluate(ctx, round_index), owner))
-        except (RoundFailed, PluginOutputError) as exc:
+        except RoundFailed as exc:  # its message names the round and phase
+            log.error("%s", exc)
+            raise RunFailed(str(exc)) from None
+        except PluginOutputError as exc:
             log.error("%s", exc)
             raise RunFailed(f"round {round_index + 1}: {exc}") from None
         stats = ctx.stats
