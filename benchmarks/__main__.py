@@ -18,6 +18,7 @@ BENCHMARKS = {
     "scale": "benchmarks.scale",
     "profile": "benchmarks.profile",
     "flower": "benchmarks.flower",
+    "sd-shaped": "benchmarks.sd_shaped",
     "readme": "benchmarks.readme",
 }
 ALL = ["cost", "profile", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours

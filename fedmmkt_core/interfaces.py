@@ -230,16 +230,35 @@ class DenoisingStep:
     ``signal_weight [B]``: ᾱ_t of each pair's timestep, near 1 where x̂₀ is sharp, near 0 where it is noise.
     ``predicted_images [B, C, H, W]``: the x̂₀ prediction decoded to pixels in [-1, 1] at the task's size,
     computed on first use (decoding costs a VAE pass).
+    ``decode_at(resolution)`` (optional): the same at the task's size, but decoded from x̂₀ resized to
+    ``resolution`` pixels first (cheaper for a large model); see :meth:`images_at`.
     """
 
-    def __init__(self, per_sample_loss: Any, signal_weight: Any, decode: Callable[[], Any]):
+    def __init__(
+        self,
+        per_sample_loss: Any,
+        signal_weight: Any,
+        decode: Callable[[], Any],
+        decode_at: Callable[[int], Any] | None = None,
+    ):
         self.per_sample_loss = per_sample_loss
         self.signal_weight = signal_weight
         self._decode = decode
+        self._decode_at = decode_at
+        self._at: dict[int, Any] = {}
 
     @cached_property
     def predicted_images(self) -> Any:
         return self._decode()
+
+    def images_at(self, resolution: int | None) -> Any:
+        """:attr:`predicted_images` decoded at ``resolution`` (None, or a generator without
+        ``decode_at``: the full resolution), cached per resolution."""
+        if resolution is None or self._decode_at is None:
+            return self.predicted_images
+        if resolution not in self._at:
+            self._at[resolution] = self._decode_at(resolution)
+        return self._at[resolution]
 
 
 class Generator(Component):

@@ -120,6 +120,22 @@ class SDLoraConfig(ComponentConfig):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of the frozen base; LoRA weights always train in float32"
     )
+    cache_latents: bool = Field(
+        True,
+        description="encode each image of a fine-tuning call through the VAE once (not once per step); the "
+        "LoRA weights are bitwise identical to encoding per step (tests/test_generator.py checks it)",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute the UNet's activations in the backward pass of fine-tuning: less memory, "
+        "about a third more compute",
+    )
+    attention: Literal["default", "sdpa", "sliced"] = Field(
+        "default",
+        description="UNet attention: default keeps the pipeline's processors; sdpa sets torch's "
+        "scaled_dot_product_attention (flash / memory-efficient kernels on CUDA); sliced computes it a "
+        "slice of heads at a time (least memory, slower)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -172,6 +188,9 @@ class SDLoraGenerator(Generator):
             module.requires_grad_(False)
             module.eval()
         pipe.to(self.device, self.dtype)
+        set_attention(pipe.unet, cfg.attention)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
         lora = cfg.lora
         # LoRA's A matrices are drawn from the global RNG: seed it here, so a freshly pre-trained base
         # and the same base loaded from the cache start from the same adapter.
@@ -195,6 +214,9 @@ class SDLoraGenerator(Generator):
         # (batch, seed, step) of the last denoise call: every loss on a mini-batch shares one UNet pass.
         # The batch itself is kept (not its id), so a new batch can never be mistaken for a freed one.
         self._last_step: tuple[AlignmentBatch, int, DenoisingStep] | None = None
+        # During a fine-tuning call with cache_latents: the VAE posterior (mean, std) of every pool image,
+        # found by the image's bytes (so a loss's own batch of pool images, e.g. relabelled, hits it too).
+        self._posteriors: LatentCache | None = None
 
     def lora_parameters(self) -> list[Any]:
         return [p for name, p in self.pipe.unet.named_parameters() if "lora_" in name]
@@ -341,9 +363,13 @@ class SDLoraGenerator(Generator):
         g = torch.Generator().manual_seed(seed)
         scaling = float(pipe.vae.config.scaling_factor)
         with torch.no_grad():
-            posterior = pipe.vae.encode(self._pixels(batch.images)).latent_dist
-            noise_for_posterior = torch.randn(posterior.mean.shape, generator=g).to(self.device, self.dtype)
-            latents = (posterior.mean + posterior.std * noise_for_posterior) * scaling
+            cached = self._posteriors.lookup(batch.images) if self._posteriors is not None else None
+            if cached is None:
+                posterior = pipe.vae.encode(self._pixels(batch.images)).latent_dist
+                cached = posterior.mean, posterior.std
+            mean, std = cached
+            noise_for_posterior = torch.randn(mean.shape, generator=g).to(self.device, self.dtype)
+            latents = (mean + std * noise_for_posterior) * scaling
         noise = torch.randn(latents.shape, generator=g).to(self.device, self.dtype)
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(self.device)
         noisy = scheduler.add_noise(latents, noise, steps)
@@ -358,11 +384,16 @@ class SDLoraGenerator(Generator):
             x0 = (noisy32 - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
         per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
 
-        def decode() -> Any:
-            decoded = pipe.vae.decode((x0 / scaling).to(self.dtype)).sample.float()
+        def decode(resolution: int | None = None) -> Any:
+            z = x0 / scaling
+            if resolution is not None:  # decode smaller latents: the VAE decoder's cost goes with their area
+                size = max(1, round(resolution / pipe.vae_scale_factor))
+                if size != z.shape[-1]:
+                    z = torch.nn.functional.interpolate(z, size=(size, size), mode="bilinear", antialias=True)
+            decoded = pipe.vae.decode(z.to(self.dtype)).sample.float()
             return to_task_geometry(decoded.clamp(-1, 1), self.task)
 
-        step = DenoisingStep(per_sample, alpha_bar.view(-1), decode)
+        step = DenoisingStep(per_sample, alpha_bar.view(-1), decode, decode_at=decode)
         self._last_step = (batch, seed, step)
         return step
 
@@ -387,6 +418,8 @@ class SDLoraGenerator(Generator):
         steps = cfg.fine_tune_steps
         if cfg.fine_tune_epochs is not None:
             steps = min(steps, max(1, int(np.ceil(cfg.fine_tune_epochs * len(pool) / cfg.batch_size))))
+        if cfg.cache_latents:
+            self._posteriors = self._encode_once(batch.images[pool])
         self.pipe.unet.train()
         try:
             for step in range(steps):
@@ -411,9 +444,28 @@ class SDLoraGenerator(Generator):
         finally:
             self.pipe.unet.eval()
             self._last_step = None
+            self._posteriors = None
         metrics = {k: v / max(done, 1) for k, v in totals.items()}
         metrics.update({"generator_steps": float(done), "generator_pool": float(len(pool))})
         return metrics
+
+    def _encode_once(self, images: np.ndarray) -> LatentCache:
+        """The VAE posterior of each distinct image, encoded in chunks of ``batch_size``."""
+        keys: dict[bytes, int] = {}
+        distinct = []
+        for image in images:
+            key = image_key(image)
+            if key not in keys:
+                keys[key] = len(distinct)
+                distinct.append(image)
+        means, stds = [], []
+        chunk = self.config.batch_size
+        with torch.no_grad():
+            for start in range(0, len(distinct), chunk):
+                posterior = self.pipe.vae.encode(self._pixels(np.stack(distinct[start : start + chunk]))).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+        return LatentCache(keys, torch.cat(means), torch.cat(stds))
 
     # ------------------------------------------------------------------ adapter files
     def adapter_state(self) -> dict[str, Any]:
@@ -464,6 +516,36 @@ class SDLoraGenerator(Generator):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def image_key(image: np.ndarray) -> bytes:
+    """A digest of one uint8 image's shape and pixels (the latent cache's key)."""
+    digest = hashlib.blake2b(str((image.shape, image.dtype.str)).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.digest()
+
+
+class LatentCache:
+    """VAE posteriors (mean, std) of the images of one fine-tuning call, found by the image's digest."""
+
+    def __init__(self, keys: dict[bytes, int], mean: Any, std: Any):
+        self.keys, self.mean, self.std = keys, mean, std
+
+    def lookup(self, images: np.ndarray) -> tuple[Any, Any] | None:
+        """``(mean, std)`` rows for ``images``; None when one of them was not encoded."""
+        rows = [self.keys.get(image_key(image)) for image in images]
+        if any(row is None for row in rows):
+            return None
+        index = torch.as_tensor(rows, device=self.mean.device)
+        return self.mean[index], self.std[index]
+
+
+def set_attention(unet: Any, mode: str) -> None:
+    """Choose the UNet's attention implementation (see ``SDLoraConfig.attention``)."""
+    if mode == "sdpa":
+        unet.set_attn_processor(importlib.import_module("diffusers.models.attention_processor").AttnProcessor2_0())
+    elif mode == "sliced":
+        unet.set_attention_slice("auto")
 
 
 def quiet_libraries() -> None:

@@ -18,6 +18,12 @@ class EnsembleCEConfig(ComponentConfig):
     student_epochs: int = Field(15, ge=1, description="epochs distilling the student from the soft labels")
     student_lr: float = Field(3e-3, gt=0)
     temperature: float = Field(1.0, gt=0, description="KD temperature when distilling the student")
+    decode_resolution: int | None = Field(
+        None,
+        ge=8,
+        description="decode x̂₀ at this many pixels (its latents resized first) before the student sees it at "
+        "the task's size: a 512-px model decodes at full size for a 32-px task otherwise; null = full resolution",
+    )
 
 
 class EnsembleCELoss(AlignmentLoss):
@@ -41,7 +47,7 @@ class EnsembleCELoss(AlignmentLoss):
 
     def compute(self, generator: Generator, batch: AlignmentBatch, seed: int) -> Any:
         step = generator.denoise(batch, seed)
-        images = step.predicted_images
+        images = step.images_at(self.config.decode_resolution)
         logits = self.student.net(images.to(next(self.student.net.parameters()).device))
         targets = torch.as_tensor(batch.class_ids, device=logits.device)
         per_sample = torch.nn.functional.cross_entropy(logits, targets, reduction="none")

@@ -87,3 +87,20 @@ def test_readme_results_section_matches_the_result_files():
     generated = headline.split(readme.HEADLINE_BEGIN, 1)[1].split(readme.HEADLINE_END, 1)[0]
     assert readme.HEADLINE_BEGIN + generated + readme.HEADLINE_END == readme.render_headline()
     assert "| **FedMMKT** |" in generated
+
+
+def test_sd_shaped_summary_has_the_issue_fields():
+    from benchmarks.sd_shaped import ratio, summarise
+
+    assert ratio([1.0, 2.0, 3.0], [4.0, 4.0, 4.0]) == 2.0  # bare median over toolkit median: toolkit 2x faster
+    steps = {"toolkit": spread([3.0]), "bare": spread([2.0])}
+    figures = {
+        "generation": {"images_per_second": {"toolkit": spread([5.0]), "bare": spread([5.0])}, "ratio_to_bare": 1.0},
+        "fine_tune": {"weighted-denoising": {"steps_per_second": steps, "ratio_to_bare": 1.5}, "before_after": {}},
+        "peak_memory_bytes": {"toolkit_generation": 10},
+    }
+    out = summarise({"float32": figures})
+    assert out["generation"]["ratio_to_bare"] == 1.0
+    assert out["fine_tune"]["ratio_to_bare"] == {"weighted-denoising": 1.5}
+    assert out["fine_tune"]["steps_per_second"] == {"weighted-denoising": 3.0}
+    assert out["peak_memory_bytes"] == {"toolkit_generation": 10} and out["by_dtype"]["float32"] is figures

@@ -190,3 +190,101 @@ def test_generation_merges_the_adapter_and_restores_the_exact_base_weights():
         unmerged = np.concatenate([generator._generate_batch(prompts, seeds)])
     assert np.abs(merged.astype(int) - unmerged).max() <= 1  # float rounding only
     assert (merged == unmerged).mean() > 0.99
+
+
+# ---------------------------------------------------------------- GPU-minded options (issue 16)
+
+
+def alignment_pool(task, public, count=24):
+    """Public digits as an alignment batch; every third one is confidently seen as another class."""
+    from fedmmkt_core.interfaces import AlignmentBatch
+
+    class_ids = public.labels[:count].astype(np.int64)
+    seen = class_ids.copy()
+    seen[::3] = (seen[::3] + 1) % task.num_classes
+    soft = np.eye(task.num_classes, dtype=np.float32)[seen]
+    prompts = [task.prompt(int(c)) for c in class_ids]
+    return AlignmentBatch(
+        public.images[:count], prompts, class_ids, soft, [task.prompt(c) for c in range(task.num_classes)]
+    )
+
+
+def test_latent_cache_gives_bitwise_identical_lora_weights_with_fewer_vae_encodes(tmp_path):
+    from fedmmkt_plugins.loss_relabel_denoising import RelabelDenoisingLoss
+
+    public, task = tiny_generator_task()
+    batch = alignment_pool(task, public)
+    generator = make(fine_tune_steps=4, fine_tune_epochs=None, batch_size=8)
+    generator.build(task, seed=0, cache_dir=cache(), public=public)
+    generator.save_adapter(tmp_path / "start.safetensors")
+    encode = generator.pipe.vae.encode
+    states, encodes = {}, {}
+    for cache_latents in (True, False):  # the same generator, from the same adapter: only the option differs
+        generator.config.cache_latents = cache_latents
+        generator.load_adapter(tmp_path / "start.safetensors")
+        calls = []
+        generator.pipe.vae.encode = lambda x, *a, calls=calls, **k: calls.append(len(x)) or encode(x, *a, **k)
+        threshold = WeightedDenoisingLoss.Config(threshold=0.0)
+        generator.fine_tune(batch, [(WeightedDenoisingLoss(threshold), 1.0), (RelabelDenoisingLoss(), 0.5)], seed=3)
+        states[cache_latents], encodes[cache_latents] = generator.adapter_state(), calls
+    assert states[True].keys() == states[False].keys()
+    assert all(torch.equal(states[True][k], states[False][k]) for k in states[True])
+    assert sum(encodes[True]) == len(batch) and sum(encodes[False]) > len(batch)
+
+
+def test_new_options_have_todays_defaults_and_are_validated():
+    from fedmmkt_plugins.loss_ensemble_ce import EnsembleCELoss
+    from pydantic import ValidationError
+
+    cfg = SDLoraGenerator.Config()
+    assert (cfg.cache_latents, cfg.gradient_checkpointing, cfg.attention) == (True, False, "default")
+    assert EnsembleCELoss.Config().decode_resolution is None
+    with pytest.raises(ValidationError):
+        SDLoraGenerator.Config(attention="flash")
+    with pytest.raises(ValidationError):
+        EnsembleCELoss.Config(decode_resolution=4)
+
+
+def test_checkpointing_and_sliced_attention_train_the_same_adapter():
+    public, task = tiny_generator_task()
+    batch = alignment_pool(task, public)
+    states = []
+    for params in ({}, {"gradient_checkpointing": True, "attention": "sliced"}, {"attention": "sdpa"}):
+        generator = make(fine_tune_steps=2, fine_tune_epochs=None, batch_size=8, **params)
+        generator.build(task, seed=0, cache_dir=cache(), public=public)
+        before = {k: v.clone() for k, v in generator.adapter_state().items()}
+        generator.fine_tune(batch, [(WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.0)), 1.0)], seed=3)
+        states.append(generator.adapter_state())
+        assert any(not torch.equal(before[k], states[-1][k]) for k in before)  # gradients reached the LoRA
+    for other in states[1:]:
+        for key, value in states[0].items():
+            torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_ensemble_ce_decodes_at_its_configured_resolution():
+    from fedmmkt_plugins.loss_ensemble_ce import EnsembleCELoss
+
+    generator, task = built()
+    public, _ = tiny_generator_task()
+    batch = alignment_pool(task, public, count=4)
+    sizes = []
+    decode = generator.pipe.vae.decode
+    generator.pipe.vae.decode = lambda z, *a, **k: sizes.append(tuple(z.shape[-2:])) or decode(z, *a, **k)
+    seen = []
+
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, images):
+            seen.append(tuple(images.shape))
+            return self.scale * images.flatten(1)[:, : task.num_classes]
+
+    for resolution, latent in ((None, generator.resolution), (4, 4)):
+        loss = EnsembleCELoss(EnsembleCELoss.Config(decode_resolution=resolution and 8))
+        loss.config.decode_resolution = resolution  # below the recipe minimum, to see it on the tiny VAE
+        loss.student = type("S", (), {"net": Student()})()
+        assert loss.compute(generator, batch, seed=len(sizes)).isfinite()
+        assert sizes[-1] == (latent, latent)
+        assert seen[-1] == (4, task.channels, task.image_size, task.image_size)
