@@ -48,11 +48,32 @@ GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedbac
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
+EARLIER = "(earlier pre-training)"
 
 
 def valid(algorithm: str, client_set: str) -> bool:
     """FedAvg averages weights, so it needs one architecture for every client."""
     return algorithm != "fedavg" or client_set == "homogeneous"
+
+
+def pretraining(recipe_path: Path) -> dict[str, Any] | None:
+    """The recipe's generator pre-training, with its defaults filled in (``None`` without one). A run of a
+    generator algorithm records it; runs measured under another pre-training are labelled in the table and
+    are not reused when the benchmark resumes."""
+    from fedmmkt_core.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if recipe.generator is None:
+        return None
+    pretrain = getattr(recipe.build("generator", recipe.generator).config, "pretrain", None)
+    return pretrain.model_dump(mode="json") if pretrain is not None else None
+
+
+def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
+    """A run's algorithm, marked when it used the generator under a pre-training other than ``current``."""
+    if run["algorithm"] in GENERATOR_ALGORITHMS and run.get("pretrain", current) != current:
+        return f"{run['algorithm']} {EARLIER}"
+    return run["algorithm"]
 
 
 def overrides_for(
@@ -97,6 +118,7 @@ def run_cell(
         "seed": seed,
         "algorithm": algorithm,
         "overrides": overrides,
+        **({"pretrain": pretraining(recipe_path)} if algorithm in GENERATOR_ALGORITHMS else {}),
         "process_seconds": time.perf_counter() - start,
         **{k: summary[k] for k in (*METRICS, *BYTES) if k in summary},
         "accuracy_by_round": [row.get("client_accuracy_mean") for row in rows],
@@ -104,16 +126,20 @@ def run_cell(
     }
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (client set, α, algorithm): mean ± std over seeds of each metric."""
+def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per (client set, α, algorithm): mean ± std over seeds of each metric. Runs of the generator
+    algorithms measured under a pre-training other than ``current`` get rows of their own, after the rest."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["client_set"], run["alpha"], run["algorithm"]), []).append(run)
+        groups.setdefault((run["client_set"], run["alpha"], label(run, current)), []).append(run)
     order = {a: i for i, a in enumerate(ALGORITHMS)}
+
+    def position(key: tuple) -> tuple:
+        algorithm, _, earlier = key[2].partition(" ")
+        return (key[0], key[1], bool(earlier), order.get(algorithm, 99))
+
     table = []
-    for (client_set, alpha, algorithm), members in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))
-    ):
+    for (client_set, alpha, algorithm), members in sorted(groups.items(), key=lambda kv: position(kv[0])):
         row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "algorithm": algorithm,
                                "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
         for key in (*METRICS, *BYTES, "process_seconds"):
@@ -164,9 +190,14 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(other.read_text())
         if data.get("setting") != setting:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
-        known = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
-        runs += [r for r in data["runs"] if (r["client_set"], r["alpha"], r["seed"], r["algorithm"]) not in known]
-    done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in runs}
+        known = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"], json.dumps(r.get("pretrain"))) for r in runs}
+        runs += [
+            r for r in data["runs"]
+            if (r["client_set"], r["alpha"], r["seed"], r["algorithm"], json.dumps(r.get("pretrain"))) not in known
+        ]  # fmt: skip
+    current = pretraining(args.recipe)
+    reusable = [r for r in runs if label(r, current) == r["algorithm"]]
+    done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in reusable}
     cells = [  # seed-major: a matrix cut short still has every cell for the first seeds
         (client_set, alpha, seed, algorithm)
         for seed in args.seeds
@@ -189,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         atomic_write_json(result_file, {
-            "setting": setting, "command": command, "machine": machine(), "runs": runs, "table": summarize(runs),
+            "setting": setting, "command": command, "machine": machine(), "runs": runs,
+            "table": summarize(runs, current),
         })  # fmt: skip
 
     todo = [c for c in cells if c not in done]
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(result)
         save()
     save()
-    print_table(summarize(runs))
+    print_table(summarize(runs, current))
     print(f"wrote {result_file}")
 
 

@@ -47,6 +47,15 @@ RECIPE_TEXT = {
 }
 
 
+def display_name(algorithm: str) -> str:
+    """``fedmmkt`` -> ``**FedMMKT**``; a run under an earlier pre-training keeps its mark."""
+    from .quality import EARLIER
+
+    name, _, earlier = algorithm.partition(" ")
+    shown = NAMES.get(name, name)
+    return f"{shown.strip('*')}, {EARLIER.strip('()')}" if earlier == EARLIER else shown
+
+
 def load(name: str) -> dict[str, Any] | None:
     path = RESULTS / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -123,9 +132,9 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
         lines += [f"* at commit {worker['commit']}: {worker['cells']} ({worker['note']})"]
     if data.get("workers"):
         lines.append("")
-    from .quality import summarize
+    from .quality import pretraining, summarize
 
-    table = summarize(data["runs"])
+    table = summarize(data["runs"], pretraining(Path(recipe)))
     for client_set in ("heterogeneous", "homogeneous"):
         for alpha in sorted({row["alpha"] for row in table}):
             rows = [r for r in table if r["client_set"] == client_set and r["alpha"] == alpha]
@@ -144,7 +153,7 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
                     cas = f"{pm(row['generator_cas'])} ({row['generator_cas_initial']['mean']:.3f})"
                 up = kib(row["bytes_up_per_client_round"]["mean"]) if "bytes_up_per_client_round" in row else "–"
                 lines.append(
-                    f"| {NAMES.get(row['algorithm'], row['algorithm'])} | {pm(row.get('client_accuracy_mean'))} | "
+                    f"| {display_name(row['algorithm'])} | {pm(row.get('client_accuracy_mean'))} | "
                     f"{pm(row.get('client_accuracy_min'))} | {cas} | {up} | {len(row['seeds'])} |"
                 )
             lines += ["", margins(rows), ""]

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -81,7 +82,27 @@ class PretrainConfig(ComponentConfig):
     steps: int = Field(1500, ge=0, description="denoising steps for the UNet and text encoder")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="cosine: a linear warm-up over warmup_steps, then a cosine decay to zero (in both phases)",
+    )
+    warmup_steps: int = Field(0, ge=0)
+    snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="min-SNR-gamma weighting of the denoising loss (Hang et al., ICCV 2023): each timestep's "
+        "loss is scaled by min(SNR, gamma) / SNR, so the easy low-noise steps do not dominate; null: unweighted",
+    )
     caption_dropout: float = Field(0.1, ge=0, lt=1, description="share of empty prompts (classifier-free guidance)")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The fields the pre-trained base's cache key hashes. Options added after the first release are left
+        out at their defaults (which reproduce the earlier training), so earlier caches stay valid."""
+        fields = self.model_dump(mode="json")
+        for name in ("lr_schedule", "warmup_steps", "snr_gamma"):
+            if fields[name] == type(self).model_fields[name].default:
+                del fields[name]
+        return fields
 
 
 class LoraSettings(ComponentConfig):
@@ -234,7 +255,7 @@ class SDLoraGenerator(Generator):
         key = hashlib.sha256()
         key.update(
             json.dumps(
-                [TINY_VERSION, seed, cfg.tiny.model_dump(mode="json"), cfg.pretrain.model_dump(mode="json")]
+                [TINY_VERSION, seed, cfg.tiny.model_dump(mode="json"), cfg.pretrain.cache_fields()]
                 + [list(task.class_names), task.image_size, task.channels, task.caption_template]
             ).encode()
         )
@@ -261,7 +282,9 @@ class SDLoraGenerator(Generator):
         except OSError:  # another run finished the same pre-training first
             shutil.rmtree(staging, ignore_errors=True)
         log.info("tiny generator: pre-trained and cached in %s", directory)
-        return pipe
+        # Continue from the saved files, as a rerun that finds the cache will: both runs then hold the same
+        # objects (tokenizer, attention implementation, config floats), so they give the same metrics.
+        return load_pipeline(str(directory), torch.float32)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
@@ -701,8 +724,18 @@ def pretrain_tiny(
         for step in range(total):
             yield step, torch.randint(0, n, (min(cfg.batch_size, n),), generator=g)
 
+    def scheduled(optimizer: Any, total: int) -> Any:
+        def factor(step: int) -> float:
+            if cfg.lr_schedule == "constant":
+                return 1.0
+            warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            return warm * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    schedule = scheduled(optimizer, cfg.vae_steps)
     for step, idx in batches(cfg.vae_steps):
         posterior = vae.encode(pixels[idx]).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
@@ -710,6 +743,7 @@ def pretrain_tiny(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % 20 == 0 or step == cfg.vae_steps - 1:
             report("pretrain generator: VAE", step + 1, cfg.vae_steps)
     vae.eval()
@@ -735,6 +769,8 @@ def pretrain_tiny(
         with torch.no_grad():
             frozen_states = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    schedule = scheduled(optimizer, cfg.steps)
+    snr = alphas / (1 - alphas)
     for step, idx in batches(cfg.steps):
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         caption_idx = torch.where(drop, torch.full_like(idx, empty), idx)
@@ -745,11 +781,16 @@ def pretrain_tiny(
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         states = text_encoder(ids[caption_idx])[0] if train_text else frozen_states[caption_idx]
         prediction = unet(noisy, t, encoder_hidden_states=states).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        if cfg.snr_gamma is None:
+            loss = torch.nn.functional.mse_loss(prediction, noise)
+        else:
+            weight = snr[t].clamp(max=cfg.snr_gamma) / snr[t]
+            loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        schedule.step()
         if step % 20 == 0 or step == cfg.steps - 1:
             report("pretrain generator: UNet", step + 1, cfg.steps)
     unet.eval()

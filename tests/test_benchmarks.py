@@ -1,11 +1,13 @@
 """The benchmark machinery: its arithmetic, its timer, and docs/results.md and README's headline being in sync."""
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is a folder of the repo, not installed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repo, not installed
 
 from benchmarks import ablations, quality, readme  # noqa: E402
 from benchmarks.common import spread  # noqa: E402
@@ -58,6 +60,24 @@ def test_quality_summary_averages_over_seeds_per_cell():
     assert [row["algorithm"] for row in table] == ["local", "fedmmkt"]  # in ALGORITHMS order
     assert table[1]["client_accuracy_mean"]["mean"] == pytest.approx(0.7)
     assert table[1]["seeds"] == [0, 1]
+
+
+def test_quality_runs_under_an_earlier_pretraining_are_labelled(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    demo = (ROOT / "examples" / "digits.yaml").read_text()
+    recipe.write_text(re.sub(r"pretrain: \{[^}]*\}", "pretrain: {steps: 40}", demo))
+    current = quality.pretraining(recipe)
+    assert current["steps"] == 40 and current["batch_size"] == 64  # defaults filled in
+    earlier = {**current, "steps": 1500}
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0}
+    runs = [
+        {**cell, "algorithm": a, "pretrain": p, "client_accuracy_mean": v}
+        for a, p, v in [("fedmmkt", earlier, 0.6), ("fedmmkt", current, 0.8), ("local", None, 0.5)]
+    ]
+    rows = quality.summarize(runs, current)
+    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (earlier pre-training)"]
+    assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.6]
+    assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, earlier pre-training"
 
 
 def test_fedavg_cells_only_for_one_architecture():
