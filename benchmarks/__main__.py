@@ -19,6 +19,7 @@ BENCHMARKS = {
     "profile": "benchmarks.profile",
     "flower": "benchmarks.flower",
     "sd-shaped": "benchmarks.sd_shaped",
+    "pretrain": "benchmarks.pretrain",
     "readme": "benchmarks.readme",
 }
 ALL = ["cost", "profile", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours

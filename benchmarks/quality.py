@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[], help="add these files' runs first")
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only merge (--merge-from) and rewrite the results file; run no cell"
+    )
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
 
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             "table": summarize(runs, current),
         })  # fmt: skip
 
-    todo = [c for c in cells if c not in done]
+    todo = [c for c in cells if c not in done and not args.no_run]
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already measured, {len(todo)} to run", flush=True)
     for index, (client_set, alpha, seed, algorithm) in enumerate(todo, 1):
         print(f"[{index}/{len(todo)}] {client_set} α={alpha} seed={seed} {algorithm} ...", flush=True)

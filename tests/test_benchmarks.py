@@ -67,7 +67,7 @@ def test_quality_runs_under_an_earlier_pretraining_are_labelled(tmp_path):
     demo = (ROOT / "examples" / "digits.yaml").read_text()
     recipe.write_text(re.sub(r"pretrain: \{[^}]*\}", "pretrain: {steps: 40}", demo))
     current = quality.pretraining(recipe)
-    assert current["steps"] == 40 and current["batch_size"] == 64  # defaults filled in
+    assert current["steps"] == 40 and current["warmup_steps"] == 50  # defaults filled in
     earlier = {**current, "steps": 1500}
     cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0}
     runs = [
