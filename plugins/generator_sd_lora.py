@@ -78,13 +78,14 @@ class TinyPipelineConfig(ComponentConfig):
 class PretrainConfig(ComponentConfig):
     """Pre-training of the tiny pipeline on the public split (cached).
 
-    The defaults were chosen on the digits recipes' validation split: the same pre-trained CAS as the
-    earlier 1,500 steps of batch 64 at a constant 1e-3, in about 55% of the time (docs/results.md)."""
+    The defaults were chosen on the digits recipes' validation split against the earlier 1,500 steps of
+    batch 64 at a constant 1e-3: a higher pre-trained CAS in about half the time (``python -m benchmarks
+    pretrain``; docs/results.md, "The generator's pre-training")."""
 
     vae_steps: int = Field(400, ge=0, description="VAE reconstruction steps")
     steps: int = Field(1300, ge=0, description="denoising steps for the UNet and text encoder")
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-3, gt=0, description="peak learning rate")
+    lr: float = Field(8e-3, gt=0, description="peak learning rate")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",
         description="cosine: a linear warm-up over warmup_steps, then a cosine decay to zero (in both phases)",
