@@ -48,7 +48,7 @@ GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedbac
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
-EARLIER = "(earlier pre-training)"
+EARLIER = "(another pre-training)"
 
 
 def valid(algorithm: str, client_set: str) -> bool:

@@ -48,7 +48,7 @@ RECIPE_TEXT = {
 
 
 def display_name(algorithm: str) -> str:
-    """``fedmmkt`` -> ``**FedMMKT**``; a run under an earlier pre-training keeps its mark."""
+    """``fedmmkt`` -> ``**FedMMKT**``; a run under another pre-training keeps its mark."""
     from .quality import EARLIER
 
     name, _, earlier = algorithm.partition(" ")

@@ -62,12 +62,12 @@ def test_quality_summary_averages_over_seeds_per_cell():
     assert table[1]["seeds"] == [0, 1]
 
 
-def test_quality_runs_under_an_earlier_pretraining_are_labelled(tmp_path):
+def test_quality_runs_under_another_pretraining_are_labelled(tmp_path):
     recipe = tmp_path / "r.yaml"
     demo = (ROOT / "examples" / "digits.yaml").read_text()
     recipe.write_text(re.sub(r"pretrain: \{[^}]*\}", "pretrain: {steps: 40}", demo))
     current = quality.pretraining(recipe)
-    assert current["steps"] == 40 and current["warmup_steps"] == 50  # defaults filled in
+    assert current["steps"] == 40 and current["batch_size"] == 64  # defaults filled in
     earlier = {**current, "steps": 1500}
     cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0}
     runs = [
@@ -75,9 +75,9 @@ def test_quality_runs_under_an_earlier_pretraining_are_labelled(tmp_path):
         for a, p, v in [("fedmmkt", earlier, 0.6), ("fedmmkt", current, 0.8), ("local", None, 0.5)]
     ]
     rows = quality.summarize(runs, current)
-    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (earlier pre-training)"]
+    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (another pre-training)"]
     assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.6]
-    assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, earlier pre-training"
+    assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, another pre-training"
 
 
 def test_fedavg_cells_only_for_one_architecture():
