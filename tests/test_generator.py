@@ -304,3 +304,17 @@ def test_ensemble_ce_decodes_at_its_configured_resolution():
         assert loss.compute(generator, batch, seed=len(sizes)).isfinite()
         assert sizes[-1] == (latent, latent)
         assert seen[-1] == (4, task.channels, task.image_size, task.image_size)
+
+
+def test_pretraining_options_change_the_base_and_its_cache_key(tmp_path, monkeypatch):
+    from fedmmkt_plugins.generator_sd_lora import PretrainConfig
+
+    # options added later stay out of the cache key at their defaults, so earlier caches stay valid
+    assert set(PretrainConfig().cache_fields()) == {"vae_steps", "steps", "batch_size", "lr", "caption_dropout"}
+    assert PretrainConfig(snr_gamma=5).cache_fields()["snr_gamma"] == 5.0
+    monkeypatch.setenv("FEDMMKT_CACHE", str(tmp_path / "own-cache"))
+    plain, task = built(pretrain={"vae_steps": 4, "steps": 6})
+    fast, _ = built(pretrain={"vae_steps": 4, "steps": 6, "lr_schedule": "cosine", "warmup_steps": 2, "snr_gamma": 5})
+    assert not plain.cache_hit and not fast.cache_hit and plain.base_path != fast.base_path
+    unet_plain, unet_fast = plain.pipe.unet.state_dict(), fast.pipe.unet.state_dict()
+    assert any(not torch.equal(unet_plain[k], unet_fast[k]) for k in unet_plain if "lora_" not in k)
