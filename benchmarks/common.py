@@ -83,8 +83,9 @@ def alternating_seconds(calls: dict[str, Callable[[], object]], repeats: int) ->
     return seconds
 
 
-def demo_generator(recipe_path: Path, overrides: list[str]) -> tuple[Any, Any]:
-    """``(generator, splits)``: the recipe's generator built as a run builds it (seed, cache, public split)."""
+def demo_generator(recipe_path: Path, overrides: list[str], cache: Path | None = None) -> tuple[Any, Any]:
+    """``(generator, splits)``: the recipe's generator built as a run builds it (seed, cache, public split);
+    ``cache`` replaces the run's cache folder (e.g. an empty one, to time a pre-training)."""
     from fedmmkt_core.recipe import load_recipe
     from fedmmkt_core.runner import cache_dir, load_data
     from fedmmkt_core.seeding import derive_seed
@@ -93,6 +94,6 @@ def demo_generator(recipe_path: Path, overrides: list[str]) -> tuple[Any, Any]:
     splits, _ = load_data(recipe)
     generator = recipe.build("generator", recipe.generator)
     generator.build(
-        splits.task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache_dir(), public=splits.public
+        splits.task, seed=derive_seed(recipe.seed, "generator"), cache_dir=cache or cache_dir(), public=splits.public
     )
     return generator, splits

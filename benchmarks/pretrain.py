@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,55 +25,59 @@ from typing import Any
 
 import numpy as np
 
-from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .common import RESULTS, atomic_write_json, demo_generator, machine, set_threads, spread
 
 EXTRA_PER_CLASS = 100
 EXTRA_SEED = 10_000
 
 
 def measure(recipe_path: Path, seed: int, pretrain: dict[str, Any], use_cache: bool) -> dict[str, Any]:
-    """Pre-train (timed) under ``pretrain`` and measure the result as FedMMKT does before round 1."""
-    from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+    """Pre-train (timed, splits loading included) under ``pretrain`` and measure the result as FedMMKT does
+    before round 1."""
     from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance
 
-    from fedmmkt_core.loading import load_server_data
+    from fedmmkt_core.loading import evaluation_split
     from fedmmkt_core.recipe import load_recipe
     from fedmmkt_core.runner import cache_dir
     from fedmmkt_core.seeding import derive_seed
 
-    recipe = load_recipe(recipe_path, [f"seed={seed}"])
-    assert recipe.generator is not None and recipe.generator.name == "sd-lora", "the recipe's generator: sd-lora"
-    data = load_server_data(recipe)
-    task = data.task
-    params = dict(recipe.generator.params)
-    params["pretrain"] = {**params.get("pretrain", {}), **pretrain}
-    generator = SDLoraGenerator(SDLoraGenerator.Config.model_validate(params))
+    overrides = [f"seed={seed}"] + [f"generator.params.pretrain.{k}={json.dumps(v)}" for k, v in pretrain.items()]
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.generator is None or recipe.generator.name != "sd-lora":
+        raise SystemExit(f"{recipe_path}: the pretrain benchmark needs the sd-lora generator")
     with tempfile.TemporaryDirectory(prefix="pretrain-") as scratch:
         start = time.perf_counter()
-        generator.build(
-            task,
-            seed=derive_seed(recipe.seed, "generator"),
-            cache_dir=cache_dir() if use_cache else Path(scratch),
-            public=data.public,
-        )
+        generator, splits = demo_generator(recipe_path, overrides, cache=None if use_cache else Path(scratch))
         seconds = time.perf_counter() - start
-        oracle = EvaluationOracle(data.oracle, task, cache_dir(), seed=derive_seed(recipe.seed, "oracle"))
-        per_class = int(recipe.algorithm.params.get("eval_samples_per_class", 30))
-        class_ids = np.repeat(np.arange(task.num_classes), per_class)
-        seeds = [derive_seed(recipe.seed, "evaluate_generator", j) for j in range(len(class_ids))]
-        images = generator.generate([task.prompt(int(c)) for c in class_ids], seeds)
-        extra_ids = np.repeat(np.arange(task.num_classes), EXTRA_PER_CLASS)
-        extra = generator.generate(
-            [task.prompt(int(c)) for c in extra_ids], [EXTRA_SEED + j for j in range(len(extra_ids))]
-        )
-        return {
-            "pretrain": generator.config.pretrain.model_dump(mode="json"),
-            "cache_hit": bool(generator.cache_hit),
-            "pretrain_seconds": None if generator.cache_hit else seconds,
-            "cas": oracle.cas(images, class_ids),
-            "cas_extra": oracle.cas(extra, extra_ids),
-            "fid": frechet_distance(oracle.features(images), oracle.features(data.evaluation.images)),
-        }
+    task = splits.task
+    oracle = EvaluationOracle(splits.oracle, task, cache_dir(), seed=derive_seed(recipe.seed, "oracle"))
+    per_class = int(recipe.algorithm.params.get("eval_samples_per_class", 30))
+    class_ids = np.repeat(np.arange(task.num_classes), per_class)
+    seeds = [derive_seed(recipe.seed, "evaluate_generator", j) for j in range(len(class_ids))]
+    images = generator.generate([task.prompt(int(c)) for c in class_ids], seeds)
+    extra_ids = np.repeat(np.arange(task.num_classes), EXTRA_PER_CLASS)
+    extra = generator.generate(
+        [task.prompt(int(c)) for c in extra_ids], [EXTRA_SEED + j for j in range(len(extra_ids))]
+    )
+    return {
+        "pretrain": generator.config.pretrain.model_dump(mode="json"),
+        "cache_hit": bool(generator.cache_hit),
+        "pretrain_seconds": None if generator.cache_hit else seconds,
+        "cas": oracle.cas(images, class_ids),
+        "cas_extra": oracle.cas(extra, extra_ids),
+        "fid": frechet_distance(oracle.features(images), oracle.features(evaluation_split(recipe, splits).images)),
+    }
+
+
+def measure_or_exit(recipe_path: Path, seed: int, pretrain: dict[str, Any], use_cache: bool) -> dict[str, Any]:
+    """:func:`measure`, with a bad recipe or setting reported as a message and exit status 2."""
+    from fedmmkt_core.errors import UserError
+
+    try:
+        return measure(recipe_path, seed, pretrain, use_cache)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def summarize(runs: list[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
@@ -130,6 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         if run["setting"] in settings and run["overrides"] != settings[run["setting"]]:
             raise SystemExit(f"{result_file}: setting '{run['setting']}' was measured as {run['overrides']}")
+    reference = args.reference or previous.get("reference")
+
+    def write() -> list[dict[str, Any]]:
+        table = summarize(runs, reference)
+        atomic_write_json(result_file, {"recipe": str(args.recipe), "machine": machine(), "runs": runs,
+                                        "reference": reference, "table": table})  # fmt: skip
+        return table
+
     done = {(r["setting"], r["seed"]) for r in runs}
     for name, overrides in settings.items():
         for seed in args.seeds:
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": seed,
                 "overrides": overrides,
                 "torch_threads": threads,
-                **measure(args.recipe, seed, overrides, args.use_cache),
+                **measure_or_exit(args.recipe, seed, overrides, args.use_cache),
             }
             print(
                 f"    {run['pretrain_seconds'] or 0:.0f} s  CAS {run['cas']:.3f}  CAS (+{EXTRA_PER_CLASS}/class) "
@@ -149,26 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
             runs.append(run)
-            atomic_write_json(
-                result_file,
-                {
-                    "recipe": str(args.recipe),
-                    "machine": machine(),
-                    "runs": runs,
-                    "table": summarize(runs, args.reference),
-                },
-            )
-    table = summarize(runs, args.reference or previous.get("reference"))
-    atomic_write_json(
-        result_file,
-        {
-            "recipe": str(args.recipe),
-            "machine": machine(),
-            "runs": runs,
-            "reference": args.reference or previous.get("reference"),
-            "table": table,
-        },
-    )
+            write()
+    table = write()
     for row in table:
         print(
             f"{row['setting']:12} seeds {row['seeds']}  {row.get('pretrain_seconds', {}).get('mean', 0):.0f} s  "

@@ -48,7 +48,7 @@ GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedbac
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
-EARLIER = "(another pre-training)"
+OTHER_PRETRAINING = "(another pre-training)"
 
 
 def valid(algorithm: str, client_set: str) -> bool:
@@ -72,8 +72,13 @@ def pretraining(recipe_path: Path) -> dict[str, Any] | None:
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
     """A run's algorithm, marked when it used the generator under a pre-training other than ``current``."""
     if run["algorithm"] in GENERATOR_ALGORITHMS and run.get("pretrain", current) != current:
-        return f"{run['algorithm']} {EARLIER}"
+        return f"{run['algorithm']} {OTHER_PRETRAINING}"
     return run["algorithm"]
+
+
+def merge_key(run: dict[str, Any]) -> tuple:
+    """A run's cell and pre-training: one run per key survives a merge of result files."""
+    return run["client_set"], run["alpha"], run["seed"], run["algorithm"], json.dumps(run.get("pretrain"))
 
 
 def overrides_for(
@@ -135,8 +140,8 @@ def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None)
     order = {a: i for i, a in enumerate(ALGORITHMS)}
 
     def position(key: tuple) -> tuple:
-        algorithm, _, earlier = key[2].partition(" ")
-        return (key[0], key[1], bool(earlier), order.get(algorithm, 99))
+        algorithm, _, other = key[2].partition(" ")
+        return (key[0], key[1], bool(other), order.get(algorithm, 99))
 
     table = []
     for (client_set, alpha, algorithm), members in sorted(groups.items(), key=lambda kv: position(kv[0])):
@@ -193,11 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(other.read_text())
         if data.get("setting") != setting:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
-        known = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"], json.dumps(r.get("pretrain"))) for r in runs}
-        runs += [
-            r for r in data["runs"]
-            if (r["client_set"], r["alpha"], r["seed"], r["algorithm"], json.dumps(r.get("pretrain"))) not in known
-        ]  # fmt: skip
+        known = {merge_key(r) for r in runs}
+        runs += [r for r in data["runs"] if merge_key(r) not in known]
     current = pretraining(args.recipe)
     reusable = [r for r in runs if label(r, current) == r["algorithm"]]
     done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in reusable}

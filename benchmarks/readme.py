@@ -49,11 +49,11 @@ RECIPE_TEXT = {
 
 def display_name(algorithm: str) -> str:
     """``fedmmkt`` -> ``**FedMMKT**``; a run under another pre-training keeps its mark."""
-    from .quality import EARLIER
+    from .quality import OTHER_PRETRAINING
 
-    name, _, earlier = algorithm.partition(" ")
+    name, _, mark = algorithm.partition(" ")
     shown = NAMES.get(name, name)
-    return f"{shown.strip('*')}, {EARLIER.strip('()')}" if earlier == EARLIER else shown
+    return f"{shown.strip('*')}, {OTHER_PRETRAINING.strip('()')}" if mark == OTHER_PRETRAINING else shown
 
 
 def load(name: str) -> dict[str, Any] | None:
