@@ -35,6 +35,10 @@ VARIANTS: dict[str, list[str]] = {
     "base_fraction=1": ["algorithm.params.base_fraction=1.0"],
     "kd_weight=2": ["algorithm.params.kd_weight=2.0"],
     "kd_temperature=3": ["algorithm.params.kd_temperature=3.0", "aggregator.params.temperature=3.0"],
+    "generator_lr=3e-4": ["generator.params.lr=0.0003"],
+    "generator_lr=5e-4": ["generator.params.lr=0.0005"],
+    "fine_tune_steps=75": ["generator.params.fine_tune_steps=75"],
+    "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
 }
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 

@@ -141,6 +141,13 @@ class SDLoraConfig(ComponentConfig):
     )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
+    fine_tune_snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="min-SNR-gamma weighting of the fine-tuning denoising loss, as pretrain.snr_gamma does for "
+        "pre-training: each sample's loss is scaled by min(SNR, gamma) / SNR (SNR + 1 for v-prediction); "
+        "null: unweighted",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -411,6 +418,11 @@ class SDLoraGenerator(Generator):
             target = noise.float()
             x0 = (noisy32 - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
         per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
+        if self.config.fine_tune_snr_gamma is not None:
+            snr = (alpha_bar / (1 - alpha_bar)).view(-1)
+            # min-SNR-gamma for the target the model predicts: SNR for noise, SNR + 1 for velocity
+            divisor = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+            per_sample = per_sample * snr.clamp(max=self.config.fine_tune_snr_gamma) / divisor
 
         def decode(resolution: int | None = None) -> Any:
             z = x0 / scaling

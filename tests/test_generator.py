@@ -318,3 +318,18 @@ def test_pretraining_options_change_the_base_and_its_cache_key(tmp_path, monkeyp
     assert not plain.cache_hit and not fast.cache_hit and plain.base_path != fast.base_path
     unet_plain, unet_fast = plain.pipe.unet.state_dict(), fast.pipe.unet.state_dict()
     assert any(not torch.equal(unet_plain[k], unet_fast[k]) for k in unet_plain if "lora_" not in k)
+
+
+def test_fine_tune_snr_gamma_scales_each_samples_loss_by_min_snr_over_snr():
+    public, task = tiny_generator_task()
+    batch = alignment_pool(task, public, count=8)
+    generator, _ = built()
+    plain = generator.denoise(batch, seed=5)
+    generator._last_step = None
+    generator.config.fine_tune_snr_gamma = 2.0
+    weighted = generator.denoise(batch, seed=5)
+    snr = plain.signal_weight / (1 - plain.signal_weight)
+    expected = plain.per_sample_loss * snr.clamp(max=2.0) / snr
+    torch.testing.assert_close(weighted.per_sample_loss, expected)
+    assert (snr > 2.0).any() and not torch.equal(weighted.per_sample_loss, plain.per_sample_loss)
+    assert SDLoraGenerator.Config().fine_tune_snr_gamma is None
