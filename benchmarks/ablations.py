@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "generator_lr=5e-4": ["generator.params.lr=0.0005"],
     "fine_tune_steps=75": ["generator.params.fine_tune_steps=75"],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
+    "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
+    "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
 }
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 

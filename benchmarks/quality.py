@@ -48,7 +48,7 @@ GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedbac
 METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
-OTHER_PRETRAINING = "(another pre-training)"
+OTHER_GENERATOR = "(another generator training)"
 
 
 def valid(algorithm: str, client_set: str) -> bool:
@@ -56,29 +56,41 @@ def valid(algorithm: str, client_set: str) -> bool:
     return algorithm != "fedavg" or client_set == "homogeneous"
 
 
-def pretraining(recipe_path: Path) -> dict[str, Any] | None:
-    """The recipe's generator pre-training, with its defaults filled in (``None`` without one). A run of a
-    generator algorithm records it; runs measured under another pre-training are labelled in the table and
-    are not reused when the benchmark resumes."""
+FINE_TUNE_FIELDS = (
+    "lr", "batch_size", "max_grad_norm", "fine_tune_steps", "fine_tune_epochs", "fine_tune_snr_gamma", "lora"
+)  # fmt: skip
+
+
+def generator_training(recipe_path: Path) -> dict[str, Any]:
+    """How the recipe trains its generator, defaults filled in: ``pretrain`` (the base's pre-training) and
+    ``fine_tune`` (the LoRA fine-tuning settings), each ``None`` where the generator has none. A run of a
+    generator algorithm records both; runs measured under other settings are labelled in the table and are
+    not reused when the benchmark resumes."""
     from fedmmkt_core.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     if recipe.generator is None:
-        return None
-    pretrain = getattr(recipe.build("generator", recipe.generator).config, "pretrain", None)
-    return pretrain.model_dump(mode="json") if pretrain is not None else None
+        return {"pretrain": None, "fine_tune": None}
+    config = recipe.build("generator", recipe.generator).config
+    pretrain = getattr(config, "pretrain", None)
+    dumped = config.model_dump(mode="json")
+    fine_tune = {k: dumped[k] for k in FINE_TUNE_FIELDS if k in dumped} or None
+    return {"pretrain": pretrain.model_dump(mode="json") if pretrain is not None else None, "fine_tune": fine_tune}
 
 
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
-    """A run's algorithm, marked when it used the generator under a pre-training other than ``current``."""
-    if run["algorithm"] in GENERATOR_ALGORITHMS and run.get("pretrain", current) != current:
-        return f"{run['algorithm']} {OTHER_PRETRAINING}"
+    """A run's algorithm, marked when it trained the generator otherwise than ``current`` (from
+    :func:`generator_training`)."""
+    if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
+        if any(run.get(key, value) != value for key, value in current.items()):
+            return f"{run['algorithm']} {OTHER_GENERATOR}"
     return run["algorithm"]
 
 
 def merge_key(run: dict[str, Any]) -> tuple:
-    """A run's cell and pre-training: one run per key survives a merge of result files."""
-    return run["client_set"], run["alpha"], run["seed"], run["algorithm"], json.dumps(run.get("pretrain"))
+    """A run's cell and generator training: one run per key survives a merge of result files."""
+    training = json.dumps([run.get("pretrain"), run.get("fine_tune")])
+    return run["client_set"], run["alpha"], run["seed"], run["algorithm"], training
 
 
 def overrides_for(
@@ -123,7 +135,7 @@ def run_cell(
         "seed": seed,
         "algorithm": algorithm,
         "overrides": overrides,
-        **({"pretrain": pretraining(recipe_path)} if algorithm in GENERATOR_ALGORITHMS else {}),
+        **(generator_training(recipe_path) if algorithm in GENERATOR_ALGORITHMS else {}),
         "process_seconds": time.perf_counter() - start,
         **{k: summary[k] for k in (*METRICS, *BYTES) if k in summary},
         "accuracy_by_round": [row.get("client_accuracy_mean") for row in rows],
@@ -133,7 +145,7 @@ def run_cell(
 
 def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (client set, α, algorithm): mean ± std over seeds of each metric. Runs of the generator
-    algorithms measured under a pre-training other than ``current`` get rows of their own, after the rest."""
+    algorithms measured under generator training other than ``current`` get rows of their own, after the rest."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["client_set"], run["alpha"], label(run, current)), []).append(run)
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
         known = {merge_key(r) for r in runs}
         runs += [r for r in data["runs"] if merge_key(r) not in known]
-    current = pretraining(args.recipe)
+    current = generator_training(args.recipe)
     reusable = [r for r in runs if label(r, current) == r["algorithm"]]
     done = {(r["client_set"], r["alpha"], r["seed"], r["algorithm"]) for r in reusable}
     cells = [  # seed-major: a matrix cut short still has every cell for the first seeds

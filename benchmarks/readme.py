@@ -48,12 +48,12 @@ RECIPE_TEXT = {
 
 
 def display_name(algorithm: str) -> str:
-    """``fedmmkt`` -> ``**FedMMKT**``; a run under another pre-training keeps its mark."""
-    from .quality import OTHER_PRETRAINING
+    """``fedmmkt`` -> ``**FedMMKT**``; a run under another generator training keeps its mark."""
+    from .quality import OTHER_GENERATOR
 
     name, _, mark = algorithm.partition(" ")
     shown = NAMES.get(name, name)
-    return f"{shown.strip('*')}, {OTHER_PRETRAINING.strip('()')}" if mark == OTHER_PRETRAINING else shown
+    return f"{shown.strip('*')}, {OTHER_GENERATOR.strip('()')}" if mark == OTHER_GENERATOR else shown
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -132,9 +132,9 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
         lines += [f"* at commit {worker['commit']}: {worker['cells']} ({worker['note']})"]
     if data.get("workers"):
         lines.append("")
-    from .quality import pretraining, summarize
+    from .quality import generator_training, summarize
 
-    table = summarize(data["runs"], pretraining(Path(recipe)))
+    table = summarize(data["runs"], generator_training(Path(recipe)))
     for client_set in ("heterogeneous", "homogeneous"):
         for alpha in sorted({row["alpha"] for row in table}):
             rows = [r for r in table if r["client_set"] == client_set and r["alpha"] == alpha]

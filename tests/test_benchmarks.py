@@ -62,22 +62,30 @@ def test_quality_summary_averages_over_seeds_per_cell():
     assert table[1]["seeds"] == [0, 1]
 
 
-def test_quality_runs_under_another_pretraining_are_labelled(tmp_path):
+def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
     recipe = tmp_path / "r.yaml"
     demo = (ROOT / "examples" / "digits.yaml").read_text()
     recipe.write_text(re.sub(r"pretrain: \{[^}]*\}", "pretrain: {steps: 40}", demo))
-    current = quality.pretraining(recipe)
-    assert current["steps"] == 40 and current["batch_size"] == 64  # defaults filled in
-    earlier = {**current, "steps": 1500}
+    current = quality.generator_training(recipe)
+    assert current["pretrain"]["steps"] == 40 and current["pretrain"]["batch_size"] == 64  # defaults filled in
+    assert current["fine_tune"]["fine_tune_steps"] == 150 and current["fine_tune"]["lr"] == 1e-3
+    earlier = {**current, "pretrain": {**current["pretrain"], "steps": 1500}}
+    weighted = {**current, "fine_tune": {**current["fine_tune"], "fine_tune_snr_gamma": 5.0}}
     cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0}
     runs = [
-        {**cell, "algorithm": a, "pretrain": p, "client_accuracy_mean": v}
-        for a, p, v in [("fedmmkt", earlier, 0.6), ("fedmmkt", current, 0.8), ("local", None, 0.5)]
+        {**cell, "algorithm": a, **t, "client_accuracy_mean": v}
+        for a, t, v in [
+            ("fedmmkt", earlier, 0.6),
+            ("fedmmkt", current, 0.8),
+            ("local", {}, 0.5),
+            ("fedmmkt", weighted, 0.4),
+        ]
     ]
     rows = quality.summarize(runs, current)
-    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (another pre-training)"]
-    assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.6]
-    assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, another pre-training"
+    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (another generator training)"]
+    assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.5]
+    assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, another generator training"
+    assert len({quality.merge_key(r) for r in runs}) == 4
 
 
 def test_fedavg_cells_only_for_one_architecture():
