@@ -70,7 +70,7 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
     assert current["pretrain"]["steps"] == 40 and current["pretrain"]["batch_size"] == 64  # defaults filled in
     assert current["fine_tune"]["fine_tune_steps"] == 150 and current["fine_tune"]["lr"] == 1e-3
     earlier = {**current, "pretrain": {**current["pretrain"], "steps": 1500}}
-    weighted = {**current, "fine_tune": {**current["fine_tune"], "fine_tune_snr_gamma": 5.0}}
+    weighted = {**current, "fine_tune": {**current["fine_tune"], "fine_tune_snr_gamma": 2.0}}
     cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0}
     runs = [
         {**cell, "algorithm": a, **t, "client_accuracy_mean": v}
