@@ -110,6 +110,27 @@ def margins(rows: list[dict[str, Any]]) -> str:
     return ("Points: " + "; ".join(parts) + ".") if parts else ""
 
 
+def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
+    """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
+    from .quality import label
+
+    found = []
+    for run in runs:
+        if label(run, current) == run["algorithm"]:
+            continue
+        changes = []
+        for part in ("pretrain", "fine_tune"):
+            theirs, ours = run.get(part) or {}, current.get(part) or {}
+            prefix = "pretrain." if part == "pretrain" else ""
+            changes += [
+                f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)
+            ]
+        text = ", ".join(changes)
+        if changes and text not in found:
+            found.append(text)
+    return "; or ".join(f"`{text}`" for text in found)
+
+
 def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.json") -> list[str]:
     recipe = data["setting"]["recipe"] if data else "examples/digits.yaml"
     title = "every algorithm × client set × Dirichlet α × seed"
@@ -132,9 +153,11 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
         lines += [f"* at commit {worker['commit']}: {worker['cells']} ({worker['note']})"]
     if data.get("workers"):
         lines.append("")
-    from .quality import generator_training, summarize
+    from .quality import OTHER_GENERATOR, generator_training, summarize
 
-    table = summarize(data["runs"], generator_training(Path(recipe)))
+    current = generator_training(Path(recipe))
+    table = summarize(data["runs"], current)
+    other = other_training(data["runs"], current)
     for client_set in ("heterogeneous", "homogeneous"):
         for alpha in sorted({row["alpha"] for row in table}):
             rows = [r for r in table if r["client_set"] == client_set and r["alpha"] == alpha]
@@ -156,6 +179,8 @@ def quality_section(data: dict[str, Any] | None, file: str = "quality-digits.jso
                     f"| {display_name(row['algorithm'])} | {pm(row.get('client_accuracy_mean'))} | "
                     f"{pm(row.get('client_accuracy_min'))} | {cas} | {up} | {len(row['seeds'])} |"
                 )
+            if other and any(r["algorithm"].endswith(OTHER_GENERATOR) for r in rows):
+                lines += ["", f"*{OTHER_GENERATOR.strip('()')}*: measured with {other} (the recipe's settings then)."]
             lines += ["", margins(rows), ""]
     return lines
 

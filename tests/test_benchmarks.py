@@ -86,6 +86,7 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
     assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.5]
     assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, another generator training"
     assert len({quality.merge_key(r) for r in runs}) == 4
+    assert readme.other_training(runs, current) == "`pretrain.steps=1500`; or `fine_tune_snr_gamma=2.0`"
 
 
 def test_fedavg_cells_only_for_one_architecture():
