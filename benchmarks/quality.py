@@ -71,11 +71,9 @@ def generator_training(recipe_path: Path) -> dict[str, Any]:
     recipe = load_recipe(recipe_path)
     if recipe.generator is None:
         return {"pretrain": None, "fine_tune": None}
-    config = recipe.build("generator", recipe.generator).config
-    pretrain = getattr(config, "pretrain", None)
-    dumped = config.model_dump(mode="json")
+    dumped = recipe.build("generator", recipe.generator).config.model_dump(mode="json")
     fine_tune = {k: dumped[k] for k in FINE_TUNE_FIELDS if k in dumped} or None
-    return {"pretrain": pretrain.model_dump(mode="json") if pretrain is not None else None, "fine_tune": fine_tune}
+    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune}
 
 
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:

@@ -421,10 +421,8 @@ class SDLoraGenerator(Generator):
             x0 = (noisy32 - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
         per_sample = (prediction - target).pow(2).mean(dim=(1, 2, 3))
         if self.config.fine_tune_snr_gamma is not None:
-            snr = (alpha_bar / (1 - alpha_bar)).view(-1)
-            # min-SNR-gamma for the target the model predicts: SNR for noise, SNR + 1 for velocity
-            divisor = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
-            per_sample = per_sample * snr.clamp(max=self.config.fine_tune_snr_gamma) / divisor
+            velocity = scheduler.config.prediction_type == "v_prediction"
+            per_sample = per_sample * min_snr_weight(alpha_bar.view(-1), self.config.fine_tune_snr_gamma, velocity)
 
         def decode(resolution: int | None = None) -> Any:
             z = x0 / scaling
@@ -789,7 +787,6 @@ def pretrain_tiny(
             frozen_states = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     schedule = scheduled(optimizer, cfg.steps)
-    snr = alphas / (1 - alphas)
     for step, idx in batches(cfg.steps):
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         caption_idx = torch.where(drop, torch.full_like(idx, empty), idx)
@@ -803,7 +800,7 @@ def pretrain_tiny(
         if cfg.snr_gamma is None:
             loss = torch.nn.functional.mse_loss(prediction, noise)
         else:
-            weight = snr[t].clamp(max=cfg.snr_gamma) / snr[t]
+            weight = min_snr_weight(alphas[t], cfg.snr_gamma)
             loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -814,6 +811,13 @@ def pretrain_tiny(
             report("pretrain generator: UNet", step + 1, cfg.steps)
     unet.eval()
     text_encoder.eval()
+
+
+def min_snr_weight(alpha_bar: Any, gamma: float, velocity: bool = False) -> Any:
+    """Min-SNR-gamma loss weights (Hang et al., ICCV 2023) for timesteps with cumulative signal ``alpha_bar``:
+    min(SNR, gamma) / SNR for a noise-predicting model, min(SNR, gamma) / (SNR + 1) for a velocity one."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / (snr + 1 if velocity else snr)
 
 
 def pixels_to_tensor(images: np.ndarray) -> Any:
