@@ -20,6 +20,7 @@ BENCHMARKS = {
     "flower": "benchmarks.flower",
     "sd-shaped": "benchmarks.sd_shaped",
     "pretrain": "benchmarks.pretrain",
+    "self-finetune": "benchmarks.self_finetune",
     "readme": "benchmarks.readme",
 }
 ALL = ["cost", "profile", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours

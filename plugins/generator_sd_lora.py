@@ -54,6 +54,9 @@ log = logging.getLogger("fedmmkt")
 
 TINY_VERSION = 1  # bump when the tiny pipeline or its pre-training changes, to invalidate caches
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Written beside a pipeline the toolkit pre-trained: what its UNet was trained on, so a fine-tuning of
+# that folder (given as ``model``) feeds it the same kind of latents.
+PRETRAIN_MARKER = "fedmmkt_pretrain.json"
 
 
 class TinyPipelineConfig(ComponentConfig):
@@ -150,6 +153,15 @@ class SDLoraConfig(ComponentConfig):
         "pre-training: each sample's loss is scaled by min(SNR, gamma) / SNR (SNR + 1 for v-prediction); "
         "null: unweighted",
     )
+    fine_tune_latents: Literal["auto", "mean", "sample"] = Field(
+        "auto",
+        description="which VAE latent of an image fine-tuning denoises: its posterior mean, or a sample "
+        "mean + std·ε. It must be the kind the UNet was pre-trained on: the tiny pipeline was pre-trained on "
+        "means, and its posterior noise (std ≈ 1.6 in scaled units) outweighs the signal (1.0), so samples "
+        "teach the adapter noise; diffusers' Stable Diffusion scripts train on samples, harmless for SD's "
+        "VAE whose posterior std is tiny. auto: mean for the toolkit's tiny pipeline (or a folder it saved, "
+        "marked by fedmmkt_pretrain.json), sample for any other model",
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -217,6 +229,9 @@ class SDLoraGenerator(Generator):
         else:
             self.pipe = load_pipeline(cfg.model, self.dtype)
             self.base_path = Path(cfg.model)
+        self.latent_kind = cfg.fine_tune_latents
+        if self.latent_kind == "auto":
+            self.latent_kind = "mean" if cfg.model is None else pretraining_latents(self.base_path)
         pipe = self.pipe
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -291,6 +306,7 @@ class SDLoraGenerator(Generator):
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
         pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / PRETRAIN_MARKER).write_text(json.dumps({"latents": "mean"}) + "\n")
         try:
             os.replace(staging, directory)
         except OSError:  # another run finished the same pre-training first
@@ -405,8 +421,11 @@ class SDLoraGenerator(Generator):
                 posterior = pipe.vae.encode(self._pixels(batch.images)).latent_dist
                 cached = posterior.mean, posterior.std
             mean, std = cached
-            noise_for_posterior = torch.randn(mean.shape, generator=g).to(self.device, self.dtype)
-            latents = (mean + std * noise_for_posterior) * scaling
+            if self.latent_kind == "mean":
+                latents = mean * scaling
+            else:
+                noise_for_posterior = torch.randn(mean.shape, generator=g).to(self.device, self.dtype)
+                latents = (mean + std * noise_for_posterior) * scaling
         noise = torch.randn(latents.shape, generator=g).to(self.device, self.dtype)
         steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(self.device)
         noisy = scheduler.add_noise(latents, noise, steps)
@@ -622,6 +641,21 @@ def load_pipeline(model: str, dtype: Any) -> Any:
             )
     except (OSError, ValueError) as exc:
         raise UserError(f"generator.params.model: could not load '{model}': {exc}") from None
+
+
+def pretraining_latents(folder: Path) -> Literal["mean", "sample"]:
+    """The latents a pipeline folder's UNet was pre-trained on: the toolkit's marker says so; without it,
+    posterior samples (what diffusers' training scripts, and so Stable Diffusion checkpoints, use)."""
+    marker = Path(folder) / PRETRAIN_MARKER
+    if not marker.is_file():
+        return "sample"
+    try:
+        kind = json.loads(marker.read_text()).get("latents")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind not in ("mean", "sample"):
+        raise DataError(f'{marker}: \'latents\' must be "mean" or "sample"')
+    return kind
 
 
 def split_words(text: str) -> list[str]:

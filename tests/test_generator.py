@@ -1,6 +1,7 @@
 """The sd-lora generator beyond the conformance suite: diffusers interoperability, caches, errors."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,54 @@ def test_fine_tune_snr_gamma_scales_each_samples_loss_by_min_snr_over_snr():
     torch.testing.assert_close(weighted.per_sample_loss, expected)
     assert (snr > 2.0).any() and not torch.equal(weighted.per_sample_loss, plain.per_sample_loss)
     assert SDLoraGenerator.Config().fine_tune_snr_gamma is None
+
+
+def _clean_latents_seen_by_the_unet(generator, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latents one denoising step feeds the scheduler, and the images' VAE posterior mean (scaled)."""
+    from fedmmkt_core.interfaces import AlignmentBatch
+
+    class_ids = np.arange(task.num_classes)
+    prompts = [task.prompt(int(c)) for c in class_ids]
+    images = generator.generate(prompts, list(range(len(prompts))))
+    batch = AlignmentBatch(images, prompts, class_ids, np.eye(task.num_classes, dtype=np.float32), prompts)
+    seen = []
+    add_noise = generator.pipe.scheduler.add_noise
+    generator.pipe.scheduler.add_noise = lambda latents, *rest: seen.append(latents) or add_noise(latents, *rest)
+    generator.denoise(batch, seed=5)
+    generator.pipe.scheduler.add_noise = add_noise
+    with torch.no_grad():
+        mean = generator.pipe.vae.encode(generator._pixels(images)).latent_dist.mean
+    return seen[0], mean * generator.pipe.vae.config.scaling_factor
+
+
+def test_fine_tuning_feeds_the_tiny_unet_the_posterior_means_it_was_pre_trained_on():
+    """The tiny base was pre-trained on VAE posterior means; fine-tuning on posterior samples would feed
+    it latents whose posterior noise outweighs the signal (the collapse docs/design.md describes)."""
+    generator, task = built()
+    assert generator.latent_kind == "mean"
+    latents, mean = _clean_latents_seen_by_the_unet(generator, task)
+    torch.testing.assert_close(latents, mean)
+
+    sampled, _ = built(fine_tune_latents="sample")
+    latents, mean = _clean_latents_seen_by_the_unet(sampled, task)
+    assert (latents - mean).abs().mean() > 1e-3  # mean + std·ε: a draw, not the mean
+
+
+def test_a_saved_pipeline_folder_says_which_latents_it_was_pre_trained_on(tmp_path):
+    from fedmmkt_plugins.generator_sd_lora import PRETRAIN_MARKER, pretraining_latents
+
+    generator, task = built()
+    assert (generator.base_path / PRETRAIN_MARKER).is_file()  # the toolkit's own pre-training marks its folder
+    assert pretraining_latents(generator.base_path) == "mean"
+    external = tmp_path / "external"
+    shutil.copytree(generator.base_path, external)
+    (external / PRETRAIN_MARKER).unlink()  # a diffusers folder as another tool saved it
+    assert pretraining_latents(external) == "sample"  # what diffusers' Stable Diffusion scripts train on
+    loaded = make(model=str(external))
+    loaded.build(task, seed=0, cache_dir=cache())
+    assert loaded.latent_kind == "sample"
+    (external / PRETRAIN_MARKER).write_text('{"latents": "mean"}')
+    assert pretraining_latents(external) == "mean"
+    (external / PRETRAIN_MARKER).write_text('{"latents": "noise"}')
+    with pytest.raises(DataError, match=PRETRAIN_MARKER):
+        pretraining_latents(external)
