@@ -33,6 +33,10 @@ VARIANTS: dict[str, list[str]] = {
     "base_fraction=0": ["algorithm.params.base_fraction=0.0"],
     "base_fraction=0.5": ["algorithm.params.base_fraction=0.5"],
     "base_fraction=1": ["algorithm.params.base_fraction=1.0"],
+    "transfer=judged": ["algorithm.params.transfer_policy=judged", "algorithm.params.base_fraction=0.5"],
+    "frozen-generator": ["algorithm.name=fedmmkt-frozen-generator"],
+    "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
+    "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
     "kd_weight=2": ["algorithm.params.kd_weight=2.0"],
     "kd_temperature=3": ["algorithm.params.kd_temperature=3.0", "aggregator.params.temperature=3.0"],
     "generator_lr=3e-4": ["generator.params.lr=0.0003"],
@@ -42,7 +46,14 @@ VARIANTS: dict[str, list[str]] = {
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
 }
-METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+METRICS = [
+    "client_accuracy_mean",
+    "client_accuracy_min",
+    "generator_cas",
+    "generator_cas_initial",
+    "generator_fid",
+    "generator_fid_initial",
+]
 
 
 def baseline(recipe_path: Path) -> dict[str, Any]:

@@ -57,6 +57,18 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def paired_interval(differences: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of per-seed paired differences with its two-sided Student-t interval (every difference kept)."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": n, "per_seed": differences}
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(differences) / n**0.5
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n, "per_seed": differences}
+
+
 def git_commit() -> str:
     """The commit the benchmark ran at (``-dirty`` when the work tree had changes), or ``unknown``."""
     import subprocess

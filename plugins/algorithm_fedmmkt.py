@@ -39,11 +39,25 @@ class FedMMKTConfig(ComponentConfig):
         0.0,
         ge=0,
         le=1,
-        description="share of each round's synthetic pairs drawn from the frozen base generator (adapter off) "
-        "for the clients' transfer set; the adapter is fine-tuned on them all the same. The adapted generator's "
-        "images resemble what the clients already agree on, so they teach the clients less: on the digits "
-        "recipes' validation split clients gained most with 1.0 (benchmarks/ablations.py). 0 needs no "
+        description="transfer_policy 'fixed': share of each class's synthetic pairs drawn from the frozen base "
+        "generator (adapter off) for the clients' transfer set, the rest from the adapted generator; "
+        "'judged': the first round's share. The adapter is fine-tuned on them all the same. 0 needs no "
         "generate_base",
+    )
+    transfer_policy: Literal["fixed", "judged"] = Field(
+        "fixed",
+        description="who draws each class's transfer images. fixed: base_fraction of them the frozen base, the "
+        "rest the adapter. judged: the clients judge the adapter's images against the base's every round (the "
+        "alignment a_j of each source's images of a class, from the same upload) and the next round's adapter "
+        "share of that class is sigmoid((a_adapter - a_base) / judge_temperature), kept within "
+        "[probe_fraction, 1 - probe_fraction] so both sources are judged every round (on-policy feedback). "
+        "Needs generate_base",
+    )
+    probe_fraction: float = Field(
+        0.2, ge=0, le=0.5, description="judged: least share of each class's images from either source"
+    )
+    judge_temperature: float = Field(
+        0.1, gt=0, description="judged: how sharply a difference in the clients' agreement moves the share"
     )
     replay_buffer: int = Field(
         2000,
@@ -81,8 +95,11 @@ class FedMMKT(Algorithm):
     replay: AlignmentBatch | None = None
     initial: dict[str, float] | None = None
     latest: dict[str, float] | None = None
+    adapter_share: np.ndarray | None = None  # judged policy: next round's share of adapter images per class
 
     def generator_requirements(self) -> dict[str, str]:
+        if self.config.transfer_policy == "judged":
+            return {"generate_base": "params.transfer_policy"}
         return {"generate_base": "params.base_fraction"} if self.config.base_fraction > 0 else {}
 
     @classmethod
@@ -109,6 +126,7 @@ class FedMMKT(Algorithm):
         self.replay = None
         self.initial = None
         self.latest = None
+        self.adapter_share = None
         self.oracle = None
         if self.config.evaluate_generator:
             from .oracle import EvaluationOracle
@@ -121,6 +139,8 @@ class FedMMKT(Algorithm):
         arrays = {}
         if self.previous is not None:
             arrays = {"previous_images": self.previous[0], "previous_soft_labels": self.previous[1]}
+        if self.adapter_share is not None:
+            arrays["adapter_share"] = self.adapter_share
         if self.replay is not None:
             values.update({"replay_prompts": self.replay.prompts, "class_prompts": self.replay.class_prompts})
             arrays.update(
@@ -135,6 +155,7 @@ class FedMMKT(Algorithm):
     def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.initial = values.get("initial")
         self.latest = values.get("latest")
+        self.adapter_share = arrays.get("adapter_share")
         if "previous_images" in arrays:
             self.previous = (arrays["previous_images"], arrays["previous_soft_labels"])
         if "replay_images" in arrays:
@@ -159,8 +180,7 @@ class FedMMKT(Algorithm):
         prompts = [self.class_prompts[c] for c in class_ids]
         with ctx.phase("synthesize"):
             seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
-            position_in_class = np.arange(len(prompts)) % cfg.samples_per_class  # prompts come in class blocks
-            from_base = position_in_class < round(cfg.base_fraction * cfg.samples_per_class)
+            from_base = self.base_mask(class_ids)
             images = np.zeros((len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels), np.uint8)
             for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
                 chosen = np.flatnonzero(mask)
@@ -184,6 +204,7 @@ class FedMMKT(Algorithm):
         }
         if self.config.client_targets != "ensemble":
             metrics["prompt_trusted_rate"] = float(np.mean(trusted))
+        metrics.update(self.judge_sources(batch.alignment, class_ids, from_base))
         excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
         if excluded:
             metrics["kd_excluded"] = list(excluded)
@@ -198,6 +219,41 @@ class FedMMKT(Algorithm):
         if cfg.replay_buffer > 0:
             self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
         self.previous = (images, targets)
+        return metrics
+
+    def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
+        """Which of this round's transfer images the frozen base draws (the rest: the adapter). Prompts come
+        in class blocks; within a class the first ones are the base's."""
+        cfg = self.config
+        per_class = cfg.samples_per_class
+        position_in_class = np.arange(len(class_ids)) % per_class
+        if cfg.transfer_policy == "fixed" or self.adapter_share is None:
+            return position_in_class < round(cfg.base_fraction * per_class)
+        base_count = per_class - np.round(self.adapter_share * per_class).astype(int)
+        return position_in_class < base_count[class_ids]
+
+    def judge_sources(self, alignment: np.ndarray, class_ids: np.ndarray, from_base: np.ndarray) -> dict[str, float]:
+        """How the clients judged the adapter's images against the base's this round (the server's on-policy
+        feedback on its own generator); under the judged policy, next round's adapter share per class."""
+        cfg = self.config
+        metrics: dict[str, float] = {"adapter_images": float(np.sum(~from_base))}
+        if from_base.any():
+            metrics["alignment_base"] = float(np.mean(alignment[from_base]))
+        if (~from_base).any():
+            metrics["alignment_adapter"] = float(np.mean(alignment[~from_base]))
+        if cfg.transfer_policy != "judged":
+            return metrics
+        num_classes = len(self.class_prompts)
+        share = (
+            np.full(num_classes, 1.0 - cfg.base_fraction) if self.adapter_share is None else self.adapter_share.copy()
+        )
+        for c in range(num_classes):
+            adapter, base = (class_ids == c) & ~from_base, (class_ids == c) & from_base
+            if adapter.any() and base.any():  # a class judged on one source only keeps its share
+                margin = float(np.mean(alignment[adapter]) - np.mean(alignment[base]))
+                share[c] = 1.0 / (1.0 + np.exp(-margin / cfg.judge_temperature))
+        self.adapter_share = np.clip(share, cfg.probe_fraction, 1.0 - cfg.probe_fraction)
+        metrics["adapter_share_next"] = float(np.mean(self.adapter_share))
         return metrics
 
     def distill_targets(

@@ -158,3 +158,38 @@ def test_data_public_replaces_the_public_split_and_must_name_the_same_classes(tm
     )
     with pytest.raises(DataError, match="data.public .* has classes .* the clients' dataset has"):
         load_server_data(parse_recipe(wrong))
+
+
+def test_judged_policy_gives_each_class_the_source_the_clients_agree_with_more():
+    algorithm = _algorithm(samples_per_class=10, base_fraction=0.5, transfer_policy="judged", probe_fraction=0.2)
+    algorithm.class_prompts = ["zero", "one", "two"]
+    class_ids = np.repeat(np.arange(3), 10)
+    from_base = algorithm.base_mask(class_ids)  # round 1: base_fraction of every class
+    assert from_base.reshape(3, 10).sum(axis=1).tolist() == [5, 5, 5]
+    alignment = np.where(from_base, 0.5, 0.5).astype(np.float32)
+    alignment[(class_ids == 0) & ~from_base] = 0.6  # class 0: the adapter's images agree by 0.1 more
+    alignment[(class_ids == 1) & ~from_base] = 0.1  # class 1: far less
+    metrics = algorithm.judge_sources(alignment, class_ids, from_base)
+    expected = [1 / (1 + np.exp(-1.0)), 0.2, 0.5]  # sigmoid(0.1 / 0.1); clipped at the probe floor; a tie
+    np.testing.assert_allclose(algorithm.adapter_share, expected, rtol=1e-6)
+    assert metrics["adapter_images"] == 15
+    np.testing.assert_allclose(metrics["alignment_adapter"], (0.6 + 0.1 + 0.5) / 3, rtol=1e-6)
+    assert metrics["alignment_base"] == 0.5
+    np.testing.assert_allclose(metrics["adapter_share_next"], np.mean(expected))
+    # Next round: round(10 * share) adapter images per class, the rest from the base.
+    assert algorithm.base_mask(class_ids).reshape(3, 10).sum(axis=1).tolist() == [3, 8, 5]
+    values, arrays = algorithm.state()
+    resumed = _algorithm(samples_per_class=10, base_fraction=0.5, transfer_policy="judged")
+    resumed.load_state(values, arrays)
+    np.testing.assert_array_equal(resumed.adapter_share, algorithm.adapter_share)
+
+
+def test_fixed_policy_keeps_base_fraction_and_judged_needs_generate_base():
+    fixed = _algorithm(samples_per_class=4, base_fraction=0.25)
+    fixed.class_prompts = ["zero", "one"]
+    class_ids = np.repeat(np.arange(2), 4)
+    assert fixed.base_mask(class_ids).tolist() == [True, False, False, False] * 2
+    metrics = fixed.judge_sources(np.full(8, 0.5, np.float32), class_ids, fixed.base_mask(class_ids))
+    assert fixed.adapter_share is None and "adapter_share_next" not in metrics
+    assert _algorithm(transfer_policy="judged").generator_requirements() == {"generate_base": "params.transfer_policy"}
+    assert _algorithm(base_fraction=0.0).generator_requirements() == {}
