@@ -5,7 +5,10 @@ so every backend runs the same client code. Message types:
 
 Under differential privacy (``privacy`` in the recipe) a client uploads only what is noised and
 counted in ε: the clipped, noised logits. Class counts, its sample count and its training metrics
-are withheld.
+are withheld. The client charges every upload to its own :class:`~fedmmkt_core.privacy.PrivacyLedger`
+before it leaves, reports the ε it computed from its ledger as ``privacy_epsilon`` in every reply, and
+refuses (:class:`~fedmmkt_core.privacy.PrivacyRefused`, recorded by the server as this client's
+failure) ``return_weights`` and any upload past ``privacy.max_epsilon``.
 
 ``fit``       train locally. config: ``seed``, optional ``kd_weight``/``temperature``,
               ``return_weights``, ``logits_dtype``; arrays: optional ``weights/*`` (start from
@@ -31,7 +34,7 @@ from .data import DistillSet, ImageSet, TaskSpec
 from .errors import DataError
 from .faults import FaultSpec
 from .interfaces import ClientModel
-from .privacy import SoftLabelPrivacy
+from .privacy import PrivacyLedger, PrivacyRefused, SoftLabelPrivacy
 from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
 
@@ -61,7 +64,10 @@ class ClientRuntime:
         fault: FaultSpec | None = None,
         privacy: SoftLabelPrivacy | None = None,
         secret: str | None = None,
+        ledger: PrivacyLedger | None = None,
     ):
+        """``ledger``: where this client's DP uploads are charged (under ``privacy``); backends pass one
+        kept with the client's state, the default lives only as long as this object."""
         self.client_id = client_id
         self._secret = secret
         self.model = model
@@ -70,6 +76,7 @@ class ClientRuntime:
         self.task = task
         self.fault = fault
         self.privacy = privacy
+        self.ledger = ledger if ledger is not None or privacy is None else PrivacyLedger()
         self.weights_changed = False
         self.abandoned = threading.Event()  # set by a backend that stopped waiting for this client
 
@@ -77,6 +84,10 @@ class ClientRuntime:
         handler = {"fit": self._fit, "predict": self._predict, "evaluate": self._evaluate}.get(message.type)
         if handler is None:
             raise MessageError(f"client {self.client_id} cannot handle message type '{message.type}'")
+        if self.privacy is not None and message.type == "fit" and message.config.get("return_weights"):
+            raise PrivacyRefused(
+                f"client {self.client_id} is under differential privacy and does not send its weights (return_weights)"
+            )
         fault = self.fault
         if fault is None or message.type == "evaluate" or not fault.fires(_seed(message), self.client_id):
             return handler(message)
@@ -110,51 +121,76 @@ class ClientRuntime:
                 temperature=float(message.config.get("temperature", 1.0)),
             )
         predict_images = self._images(message, "predict_images") if "predict_images" in message.arrays else None
+        dtype = _logits_dtype(message)
+        charge = self._charge(message, len(predict_images)) if predict_images is not None else None
         metrics = self.model.fit(self.train, distill, seed=int(message.config["seed"]))
         self.weights_changed = True
         arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
         if predict_images is not None:
-            arrays.update(self._logits(predict_images, message))
-        config: dict = {}
+            arrays.update(self._logits(predict_images, dtype, charge))
+        config: dict = self._privacy_report(charge)
         if self.privacy is None:  # under DP only noised, accounted values go up
             config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
         return Message("fit_reply", config, arrays)
 
-    def _logits(self, images: np.ndarray, message: Message) -> dict[str, np.ndarray]:
-        dtype = str(message.config.get("logits_dtype", "float32"))
-        if dtype not in LOGIT_DTYPES:
-            raise MessageError(f"logits_dtype must be one of {sorted(LOGIT_DTYPES)}, got '{dtype}'")
+    def _charge(self, message: Message, rows: int) -> tuple[int, float] | None:
+        """Under DP: charge one upload of ``rows`` logit rows to the ledger before any work is done
+        (refused past the budget); returns (the upload's counter, the ε with it)."""
+        if self.privacy is None:
+            return None
+        assert self.ledger is not None
+        try:
+            return self.ledger.record(self.privacy, type=message.type, rows=int(rows))
+        except PrivacyRefused as exc:
+            raise PrivacyRefused(f"client {self.client_id} refuses: {exc}") from None
+
+    def _privacy_report(self, charge: tuple[int, float] | None) -> dict[str, float]:
+        """Under DP, the ε this client computed from its own ledger (what the run reports)."""
+        if self.privacy is None:
+            return {}
+        assert self.ledger is not None
+        return {"privacy_epsilon": charge[1] if charge is not None else self.ledger.epsilon(self.privacy.delta)}
+
+    def _logits(self, images: np.ndarray, dtype: str, charge: tuple[int, float] | None) -> dict[str, np.ndarray]:
         logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)
         if self.privacy is not None:  # noised here, on the client: the server never sees clean logits
-            logits = self.privacy.privatize(logits, self.noise_rng(_seed(message)))
+            assert charge is not None
+            logits = self.privacy.privatize(logits, self.noise_rng(charge[0]))
             return {"logits": logits.astype(LOGIT_DTYPES[dtype])}  # exact class counts would escape ε
         counts = self.train.class_counts(self.task.num_classes)
         return {"logits": logits.astype(LOGIT_DTYPES[dtype]), "class_counts": counts}
 
-    def noise_rng(self, message_seed: int) -> np.random.Generator:
+    def noise_rng(self, counter: int) -> np.random.Generator:
         """Randomness for DP noise that only this client holds.
 
         Without a client secret: fresh OS entropy every time (nobody, this client included, can
         regenerate it). With one (``FEDMMKT_CLIENT_SECRET`` or a node's ``client-secret``): derived
-        from the secret, the client id and the message, so experiments repeat exactly; whoever knows
-        the secret can regenerate the noise, so sharing it with the server voids the guarantee.
+        from the secret, the client id and ``counter``, the upload's position in this client's
+        ledger, which the client alone advances: no value from the server enters it, so two requests
+        never get the same noise within a run, and a fresh run with the same secret repeats its
+        experiment exactly. Whoever knows the secret can regenerate the noise, so it is for
+        experiments: a site that shares it with the server, or uses one secret for several runs a
+        server can compare, has no guarantee; leave it unset in production.
         """
         if self._secret is None:
             return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-        digest = hashlib.sha256(f"{self._secret}\x00{self.client_id}\x00{message_seed}".encode()).digest()
+        digest = hashlib.sha256(f"{self._secret}\x00{self.client_id}\x00dp-noise\x00{int(counter)}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
     def _predict(self, message: Message) -> Message:
         images = self._images(message, "images")
-        arrays = self._logits(images, message)
-        config = {"num_samples": len(self.train)} if self.privacy is None else {}
+        dtype = _logits_dtype(message)
+        charge = self._charge(message, len(images))
+        arrays = self._logits(images, dtype, charge)
+        config = {"num_samples": len(self.train)} if self.privacy is None else self._privacy_report(charge)
         return Message("predict_reply", config, arrays)
 
     def _evaluate(self, message: Message) -> Message:
         self._maybe_set_weights(message)
         logits = self.model.predict_logits(self.test.images)
         accuracy = float((np.argmax(logits, axis=1) == self.test.labels).mean()) if len(self.test) else float("nan")
-        return Message("evaluate_reply", {"accuracy": accuracy, "num_test": len(self.test)})
+        config = {"accuracy": accuracy, "num_test": len(self.test), **self._privacy_report(None)}
+        return Message("evaluate_reply", config)
 
 
 class ClientFactory:
@@ -170,8 +206,17 @@ class ClientFactory:
     recipe's dataset; the evaluation split still comes from the recipe's dataset (shared test data).
     """
 
-    def __init__(self, recipe: Recipe, secret: str | None = None, data_root: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        secret: str | None = None,
+        data_root: Path | None = None,
+        privacy: SoftLabelPrivacy | None = None,
+    ):
+        """``privacy``: the DP settings to build clients with (default: the recipe's section; a Flower
+        node gets them next to its recipe, which names no algorithm that uploads soft labels)."""
         self.recipe = recipe
+        self.privacy = privacy if privacy is not None else recipe.privacy
         self.secret = secret if secret is not None else os.environ.get(CLIENT_SECRET_ENV) or None
         self.data_root = Path(data_root) if data_root is not None else None
         self._data: tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray] | None] | None = None
@@ -223,7 +268,10 @@ class ClientFactory:
         """Client ``client_id``'s model with its initial weights (architecture from the recipe)."""
         return build_client_model(self.recipe, self.task, client_id)
 
-    def build(self, client_id: int, model: ClientModel | None = None) -> ClientRuntime:
+    def build(
+        self, client_id: int, model: ClientModel | None = None, ledger: PrivacyLedger | None = None
+    ) -> ClientRuntime:
+        """Client ``client_id``'s runtime; ``ledger``: its privacy ledger, kept with its state."""
         train = self.train_data(client_id)
         _, evaluation, task, _ = self._load()
         model = model if model is not None else self.build_model(client_id)
@@ -235,8 +283,9 @@ class ClientFactory:
             evaluation,
             task,
             fault=fault,
-            privacy=self.recipe.privacy,
+            privacy=self.privacy,
             secret=self.secret,
+            ledger=ledger,
         )
 
 
@@ -249,6 +298,13 @@ def build_client_model(recipe: Recipe, task: TaskSpec, client_id: int) -> Client
     assert isinstance(model, ClientModel)
     model.build(task, seed=derive_seed(recipe.seed, "init", client_id))
     return model
+
+
+def _logits_dtype(message: Message) -> str:
+    dtype = str(message.config.get("logits_dtype", "float32"))
+    if dtype not in LOGIT_DTYPES:
+        raise MessageError(f"logits_dtype must be one of {sorted(LOGIT_DTYPES)}, got '{dtype}'")
+    return dtype
 
 
 def _seed(message: Message) -> int:
@@ -268,6 +324,10 @@ class ClientStateStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def ledger(self, client_id: int) -> PrivacyLedger:
+        """Client ``client_id``'s privacy ledger, next to its weights; never pruned or discarded."""
+        return PrivacyLedger(self.root / f"client_{client_id}.privacy.json")
 
     def save(self, client_id: int, round_index: int, weights: dict[str, np.ndarray]) -> None:
         save_safetensors(self.root / f"client_{client_id}.r{round_index}.safetensors", weights)

@@ -79,6 +79,9 @@ class ServerContext:
         self.rounds_completed_at_start = 0
         self.sampled: list[int] = []
         self.stats = RoundStats()
+        # Under DP: the largest ε each client reported in a reply (computed by the client from its own
+        # ledger, see fedmmkt_core.privacy); what the run reports as privacy_epsilon.
+        self.reported_epsilon: dict[int, float] = {}
 
     # ------------------------------------------------------------------ seeds
     def seed_for(self, *keys: str | int) -> int:
@@ -156,6 +159,7 @@ class ServerContext:
                     raise reply
                 if count_bytes:
                     self.stats.bytes_up[client_id] = self.stats.bytes_up.get(client_id, 0) + reply.nbytes
+                self._note_epsilon(client_id, reply)
                 if expect is not None and reply.type != expect:
                     raise MessageError(f"expected a '{expect}' reply, got '{reply.type}'")
                 check_reply_fields(reply)
@@ -178,6 +182,13 @@ class ServerContext:
                 f"replied successfully, fewer than min_clients={needed} ({reasons})"
             )
         return good
+
+    def _note_epsilon(self, client_id: int, reply: Message) -> None:
+        """Keep the ε a client reported (also from a reply that fails the algorithm's checks: its
+        upload was made and counted on its side)."""
+        value = reply.config.get("privacy_epsilon")
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            self.reported_epsilon[client_id] = max(self.reported_epsilon.get(client_id, 0.0), float(value))
 
     def evaluate_clients(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Every client's accuracy on the held-out test split (evaluation traffic is not counted)."""

@@ -10,20 +10,36 @@ the clean logits and cannot regenerate the noise (local DP), so the guarantee do
 server. Nothing else a client knows goes up under DP (class counts, sample counts and training
 metrics are withheld), so the ε below covers every upload of the training protocol.
 
-Each round is then a Gaussian mechanism with noise multiplier ``noise_multiplier``; the ε a client
-has spent after the rounds it took part in comes from the RDP accountant of Google's
-``dp-accounting`` (no subsampling amplification is claimed: the synthetic queries are public and
-client sampling is not secret). The run reports the largest ε over clients each round.
+Each upload is then a Gaussian mechanism with noise multiplier ``noise_multiplier``; the ε a client
+has spent after its uploads comes from the RDP accountant of Google's ``dp-accounting`` (no
+subsampling amplification is claimed: the synthetic queries are public and client sampling is not
+secret).
+
+The client does its own accounting and does not trust the server to follow the protocol: it keeps a
+:class:`PrivacyLedger` of every noised upload it made (written before the upload leaves, kept with
+its state, so uploads of failed or re-run rounds count), computes its ε from that ledger and reports
+it with every reply, and refuses (:class:`PrivacyRefused`) an upload that would take it past
+``max_epsilon`` and any request that would leak more than noised logits (``return_weights``). The run
+reports the largest ε any client reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fcntl
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import MissingDependencyError
+
+
+class PrivacyRefused(Exception):
+    """A client under DP refuses a request: it would exceed its budget or leak more than noised logits."""
 
 
 class SoftLabelPrivacy(BaseModel):
@@ -36,6 +52,11 @@ class SoftLabelPrivacy(BaseModel):
         gt=0, description="noise std as a multiple of the upload's L2 sensitivity 2·clip_norm·√n"
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ) guarantee")
+    max_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="each client's budget: it refuses an upload that would take its ε (at delta) past this",
+    )
 
     def privatize(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Clip each row and add Gaussian noise drawn from ``rng`` (the client's own randomness)."""
@@ -50,17 +71,110 @@ class SoftLabelPrivacy(BaseModel):
 
     def epsilon(self, rounds: int) -> float:
         """ε spent by a client that uploaded in ``rounds`` rounds, at this δ (RDP accountant)."""
-        if rounds <= 0:
-            return 0.0
-        try:
-            import dp_accounting
-            from dp_accounting.rdp import RdpAccountant
-        except ImportError:
-            raise MissingDependencyError("dp_accounting", "Install it with: pip install 'fedmmkt[privacy]'") from None
-        accountant = RdpAccountant()
-        accountant.compose(dp_accounting.GaussianDpEvent(self.noise_multiplier), int(rounds))
-        return float(accountant.get_epsilon(self.delta))
+        return gaussian_epsilon({self.noise_multiplier: int(rounds)}, self.delta)
 
     def epsilon_spent(self, uploads_per_client: Iterable[int]) -> float:
         """The largest ε over clients, given how many rounds each uploaded in."""
         return max((self.epsilon(count) for count in set(uploads_per_client)), default=0.0)
+
+
+def gaussian_epsilon(uploads: dict[float, int], delta: float) -> float:
+    """ε at ``delta`` of composed Gaussian mechanisms: ``uploads`` maps a noise multiplier to how
+    many uploads used it (RDP accountant of ``dp-accounting``)."""
+    uploads = {z: n for z, n in uploads.items() if n > 0}
+    if not uploads:
+        return 0.0
+    try:
+        import dp_accounting
+        from dp_accounting.rdp import RdpAccountant
+    except ImportError:
+        raise MissingDependencyError("dp_accounting", "Install it with: pip install 'fedmmkt[privacy]'") from None
+    accountant = RdpAccountant()
+    for z, count in sorted(uploads.items()):
+        accountant.compose(dp_accounting.GaussianDpEvent(float(z)), int(count))
+    return float(accountant.get_epsilon(delta))
+
+
+class PrivacyLedger:
+    """Every noised upload one client made, kept by the client: what its ε is computed from.
+
+    With a ``path`` the ledger lives in a JSON file next to the client's weights and every
+    :meth:`record` re-reads it, appends and writes it back under a file lock *before* the upload
+    leaves, so an upload is counted even when its round fails, is re-run after a resume, or another
+    process (an abandoned worker, a second ClientApp) uploaded meanwhile. Files outside the weight
+    files' pattern: resuming or discarding rounds never removes entries. Without a path it is kept in
+    memory (``entries``; Flower nodes without a state folder store them in their run's state).
+    """
+
+    def __init__(self, path: Path | None = None, entries: list[dict[str, Any]] | None = None):
+        self.path = Path(path) if path is not None else None
+        self._entries: list[dict[str, Any]] = list(entries or [])
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        if self.path is not None:
+            self._entries = self._read()
+        return list(self._entries)
+
+    def _read(self) -> list[dict[str, Any]]:
+        assert self.path is not None
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # never guess: a damaged ledger stops uploads
+            reason = f"{type(exc).__name__}: {exc}"
+            raise PrivacyRefused(f"the privacy ledger {self.path} is unreadable ({reason})") from None
+        uploads = data.get("uploads") if isinstance(data, dict) else None
+        if not isinstance(uploads, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("noise_multiplier"), int | float) for e in uploads
+        ):
+            raise PrivacyRefused(f"the privacy ledger {self.path} is damaged (no list of uploads)")
+        return uploads
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self.path is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def epsilon(self, delta: float, extra: Iterable[float] = ()) -> float:
+        """ε at ``delta`` of every recorded upload (plus uploads with the noise multipliers ``extra``)."""
+        counts: dict[float, int] = {}
+        for z in [float(e["noise_multiplier"]) for e in self.entries] + [float(z) for z in extra]:
+            counts[z] = counts.get(z, 0) + 1
+        return gaussian_epsilon(counts, delta)
+
+    def record(self, spec: SoftLabelPrivacy, **details: Any) -> tuple[int, float]:
+        """Charge one upload under ``spec``: refuse it (:class:`PrivacyRefused`) when it would take ε
+        past ``spec.max_epsilon``, else write it to the ledger. Returns ``(index, ε)``: the upload's
+        position in the ledger (the client-side counter its noise may be keyed to) and the ε spent
+        with it."""
+        from .rundir import atomic_write_text
+
+        with self._locked():
+            entries = self._read() if self.path is not None else self._entries
+            counts: dict[float, int] = {}
+            for e in entries:
+                counts[float(e["noise_multiplier"])] = counts.get(float(e["noise_multiplier"]), 0) + 1
+            before = gaussian_epsilon(counts, spec.delta)
+            counts[spec.noise_multiplier] = counts.get(spec.noise_multiplier, 0) + 1
+            after = gaussian_epsilon(counts, spec.delta)
+            if spec.max_epsilon is not None and after > spec.max_epsilon:
+                raise PrivacyRefused(
+                    f"privacy budget: this upload would bring ε to {after:.4g} > max_epsilon={spec.max_epsilon:g} "
+                    f"(δ={spec.delta:g}; {len(entries)} uploads so far, ε {before:.4g})"
+                )
+            entry = {"noise_multiplier": spec.noise_multiplier, "clip_norm": spec.clip_norm, **details}
+            entries = [*entries, entry]
+            if self.path is not None:
+                atomic_write_text(self.path, json.dumps({"uploads": entries}, indent=1, sort_keys=True) + "\n")
+            self._entries = entries
+            return len(entries) - 1, after

@@ -359,7 +359,7 @@ class Runner:
         for phase, seconds in stats.phase_seconds.items():
             row[f"seconds_{phase}"] = seconds
         if self.recipe.privacy is not None:
-            row["privacy_epsilon"] = self._epsilon_spent(ctx.sampled)
+            row["privacy_epsilon"] = self._epsilon_spent(ctx)
         ctx.backend.commit_round(round_index)  # type: ignore[union-attr]
         row["seconds_round"] = time.perf_counter() - start
         # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
@@ -371,16 +371,12 @@ class Runner:
         self.events("round_end", round=round_index + 1, metrics=row)
         return row
 
-    def _epsilon_spent(self, sampled_now: list[int]) -> float:
-        """Largest ε over clients; every round a client was sampled in counts as an upload."""
-        uploads: dict[int, int] = {}
-        for row in self.run_dir.read_metrics():
-            for client_id in row.get("clients_sampled", []):
-                uploads[client_id] = uploads.get(client_id, 0) + 1
-        for client_id in sampled_now:
-            uploads[client_id] = uploads.get(client_id, 0) + 1
-        assert self.recipe.privacy is not None
-        return self.recipe.privacy.epsilon_spent(uploads.values())
+    def _epsilon_spent(self, ctx: ServerContext) -> float:
+        """The largest ε any client reported so far: each client counts its own uploads (failed and
+        re-run rounds included) in its ledger and reports its ε with every reply; the server does not
+        count for it. Earlier rounds' rows carry what was reported before a resume."""
+        earlier = [float(row.get("privacy_epsilon", 0.0)) for row in self.run_dir.read_metrics()]
+        return max([0.0, *earlier, *ctx.reported_epsilon.values()])
 
     def _save_checkpoint(self, ctx: ServerContext, algorithm: Algorithm, rounds_completed: int) -> None:
         directory = self.run_dir.checkpoint_dir

@@ -128,9 +128,19 @@ class Message:
 
 
 # Config fields of replies the core and the built-in algorithms read: (low, high, required, integer).
+EPSILON_FIELD = (0.0, 1e9, False, False)  # privacy_epsilon: the ε a client under DP reports (its own ledger)
 REPLY_FIELDS: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
-    "fit_reply": {"loss": (-1e6, 1e6, False, False), "num_samples": (0, 2**40, False, True)},
-    "evaluate_reply": {"accuracy": (0.0, 1.0, True, False), "num_test": (0, 2**40, False, True)},
+    "fit_reply": {
+        "loss": (-1e6, 1e6, False, False),
+        "num_samples": (0, 2**40, False, True),
+        "privacy_epsilon": EPSILON_FIELD,
+    },
+    "predict_reply": {"privacy_epsilon": EPSILON_FIELD},
+    "evaluate_reply": {
+        "accuracy": (0.0, 1.0, True, False),
+        "num_test": (0, 2**40, False, True),
+        "privacy_epsilon": EPSILON_FIELD,
+    },
 }
 
 

@@ -43,7 +43,7 @@ class InProcessBackend(Backend):
     def _runtime(self, client_id: int, round_index: int) -> ClientRuntime:
         runtime = self.resident.pop(client_id, None)
         if runtime is None:
-            runtime = self._clients.build(client_id)
+            runtime = self._clients.build(client_id, ledger=self.store.ledger(client_id))
             weights = self.store.load(client_id, up_to_round=round_index)
             if weights is not None:
                 runtime.model.set_weights(weights)

@@ -58,7 +58,8 @@ def test_dp_noise_comes_from_the_client_alone():
     spec = SoftLabelPrivacy(noise_multiplier=1.0)
     reply = _upload(_runtime(secret=None))
     noise = reply.arrays["logits"]
-    assert set(reply.arrays) == {"logits"} and reply.config == {}  # counts and sample count withheld
+    assert set(reply.arrays) == {"logits"}  # counts withheld
+    assert reply.config == {"privacy_epsilon": pytest.approx(spec.epsilon(1))}  # sample count withheld; ε reported
     server_guesses = [derive_seed(17, "dp-noise", 1), 17, 1, derive_seed(0, "dp-noise", 1), 0]
     for guess in server_guesses:
         regenerated = spec.privatize(np.zeros((5, 3)), np.random.default_rng(guess))
@@ -67,11 +68,16 @@ def test_dp_noise_comes_from_the_client_alone():
 
 
 def test_a_client_secret_makes_dp_noise_reproducible_for_that_client_only():
+    """With a secret the noise is keyed to the client's own upload counter: a fresh client repeats its
+    experiment exactly, whatever seed the server sends; its next upload gets new noise."""
     first = _upload(_runtime(secret="site-1-secret")).arrays["logits"]
     np.testing.assert_array_equal(first, _upload(_runtime(secret="site-1-secret")).arrays["logits"])
+    np.testing.assert_array_equal(first, _upload(_runtime(secret="site-1-secret"), seed=18).arrays["logits"])
     assert not np.array_equal(first, _upload(_runtime(secret="another")).arrays["logits"])
     assert not np.array_equal(first, _upload(_runtime(secret="site-1-secret", client_id=2)).arrays["logits"])
-    assert not np.array_equal(first, _upload(_runtime(secret="site-1-secret"), seed=18).arrays["logits"])
+    runtime = _runtime(secret="site-1-secret")
+    _upload(runtime)
+    assert not np.array_equal(first, _upload(runtime).arrays["logits"])  # the same request again: new noise
 
 
 def test_epsilon_comes_from_the_rdp_accountant_and_grows_with_rounds():
