@@ -37,6 +37,9 @@ VARIANTS: dict[str, list[str]] = {
     "frozen-generator": ["algorithm.name=fedmmkt-frozen-generator"],
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
+    "ceiling-generator": ["algorithm.name=fedmmkt-ceiling-generator"],
+    "feddf-sharpened=0.5": ["algorithm.name=feddf-sharpened", "algorithm.params.sharpen=0.5"],
+    "feddf-sharpened=0.25": ["algorithm.name=feddf-sharpened", "algorithm.params.sharpen=0.25"],
     "kd_weight=2": ["algorithm.params.kd_weight=2.0"],
     "kd_temperature=3": ["algorithm.params.kd_temperature=3.0", "aggregator.params.temperature=3.0"],
     "generator_lr=3e-4": ["generator.params.lr=0.0003"],
@@ -81,7 +84,7 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
 
     overrides = overrides_for(client_set, alpha, seed, "fedmmkt", rounds, recipe_path)
     overrides += ["data.evaluate_on=validation", *VARIANTS[variant]]
-    if variant == "feddf":  # FedDF takes FedMMKT's transfer-set settings, not its server-knowledge targets
+    if variant.startswith("feddf"):  # FedDF takes FedMMKT's transfer-set settings, not its server-knowledge targets
         overrides += ["algorithm.params.client_targets=ensemble"]
     recipe = load_recipe(recipe_path, overrides)
     run_dir = out / f"{recipe_path.stem}-{client_set}-a{alpha}-s{seed}-{variant.replace('=', '_').replace(',', '_')}"

@@ -10,7 +10,9 @@ from .aggregator_kd import KDAggregator
 from .algorithm_centralized import Centralized
 from .algorithm_fedavg import FedAvg
 from .algorithm_feddf import FedDF
+from .algorithm_feddf_sharpened import FedDFSharpened
 from .algorithm_fedmmkt import FedMMKT
+from .algorithm_fedmmkt_ceiling_generator import FedMMKTCeilingGenerator
 from .algorithm_fedmmkt_frozen import FedMMKTFrozenGenerator
 from .algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
 from .algorithm_local import LocalOnly
@@ -68,9 +70,11 @@ def register_algorithms(register):
     register("local", LocalOnly)
     register("fedavg", FedAvg)
     register("feddf", FedDF)
+    register("feddf-sharpened", FedDFSharpened)
     register("fedmmkt", FedMMKT)
     register("fedmmkt-frozen-generator", FedMMKTFrozenGenerator)
     register("fedmmkt-no-feedback", FedMMKTNoFeedback)
+    register("fedmmkt-ceiling-generator", FedMMKTCeilingGenerator)
     register("centralized", Centralized)
 
 

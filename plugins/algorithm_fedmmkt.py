@@ -210,9 +210,7 @@ class FedMMKT(Algorithm):
             metrics["kd_excluded"] = list(excluded)
         seen = batch if self.replay is None else concatenate(self.replay, batch)
         if self.update_generator:
-            training = seen
-            if not self.client_feedback:
-                training = self._control_batch(ctx, seen, round_index)
+            training = self.generator_training_batch(ctx, seen, round_index)
             with ctx.phase("generator_update"):
                 update = generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
                 metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
@@ -281,6 +279,12 @@ class FedMMKT(Algorithm):
         one_hot = np.eye(num_classes, dtype=np.float32)[class_ids]
         beta = cfg.prompt_weight * trusted[:, None].astype(np.float32)
         return ((1 - beta) * soft_labels + beta * one_hot).astype(np.float32), trusted
+
+    def generator_training_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
+        """What the generator's LoRA is fine-tuned on this round: every pair seen with the clients' soft labels
+        (the control without client feedback: as many pairs, uniformly drawn, all aligned). Variants override
+        it (e.g. the ceiling generator's pooled real images)."""
+        return seen if self.client_feedback else self._control_batch(ctx, seen, round_index)
 
     def _control_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
         """The no-feedback control's fine-tuning set: as many pairs as FedMMKT's losses would train on

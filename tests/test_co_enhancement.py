@@ -193,3 +193,28 @@ def test_fixed_policy_keeps_base_fraction_and_judged_needs_generate_base():
     assert fixed.adapter_share is None and "adapter_share_next" not in metrics
     assert _algorithm(transfer_policy="judged").generator_requirements() == {"generate_base": "params.transfer_policy"}
     assert _algorithm(base_fraction=0.0).generator_requirements() == {}
+
+
+def test_ceiling_generator_clients_see_only_the_generator_fine_tuned_on_pooled_real_images(tmp_path):
+    recipe = parse_recipe(
+        RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt-ceiling-generator, params: {base_fraction: 1.0, ")
+    )
+    Runner(recipe, tmp_path / "run").run()
+    rows = _rows(tmp_path / "run")
+    assert all(row["adapter_images"] == row["synthetic_images"] for row in rows)  # no image from the base
+    assert rows[0]["generator_pool"] == len(load_data_train(recipe))  # the pooled real images, not feedback
+    assert rows[-1]["bytes_up_total"] > 0  # the clients still report logits on the transfer set
+
+
+def test_sharpened_feddf_divides_the_ensembles_temperature_and_ignores_the_prompt():
+    from fedmmkt_plugins.algorithm_feddf_sharpened import FedDFSharpened
+
+    algorithm = FedDFSharpened(FedDFSharpened.Config(sharpen=0.5, kd_temperature=2.0))
+    logits = {0: np.array([[2.0, 0.0, 0.0]], np.float32), 1: np.array([[0.0, 0.0, 0.0]], np.float32)}
+    replies = {k: Message("fit_reply", {}, {"logits": v}) for k, v in logits.items()}
+    mean = np.array([1.0, 0.0, 0.0])  # the clients' mean logits; temperature 2 · 0.5 = 1
+    np.testing.assert_allclose(algorithm.aggregate(0, replies)[0], np.exp(mean) / np.exp(mean).sum(), rtol=1e-6)
+    plain = FedDFSharpened(FedDFSharpened.Config(sharpen=1.0, kd_temperature=2.0)).aggregate(0, replies)[0]
+    assert plain[0] < algorithm.aggregate(0, replies)[0][0]  # sharpening raises the top class's share
+    with pytest.raises(ValueError):
+        FedDFSharpened.Config(client_targets="agreed")

@@ -147,3 +147,15 @@ class TestFedDF(AlgorithmTests):
     name = "feddf"
     params = FEDMMKT_PARAMS
     recipe = FEDMMKT_RECIPE
+
+
+class TestFedMMKTCeilingGenerator(AlgorithmTests):
+    name = "fedmmkt-ceiling-generator"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
+
+
+class TestFedDFSharpened(AlgorithmTests):
+    name = "feddf-sharpened"
+    params = FEDMMKT_PARAMS
+    recipe = FEDMMKT_RECIPE
