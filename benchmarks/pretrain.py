@@ -34,7 +34,7 @@ EXTRA_SEED = 10_000
 def measure(recipe_path: Path, seed: int, pretrain: dict[str, Any], use_cache: bool) -> dict[str, Any]:
     """Pre-train (timed, splits loading included) under ``pretrain`` and measure the result as FedMMKT does
     before round 1."""
-    from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance
+    from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance, oracle_half
 
     from fedmmkt_core.loading import evaluation_split
     from fedmmkt_core.recipe import load_recipe
@@ -50,10 +50,13 @@ def measure(recipe_path: Path, seed: int, pretrain: dict[str, Any], use_cache: b
         generator, splits = demo_generator(recipe_path, overrides, cache=None if use_cache else Path(scratch))
         seconds = time.perf_counter() - start
     task = splits.task
-    oracle = EvaluationOracle(splits.oracle, task, cache_dir(), seed=derive_seed(recipe.seed, "oracle"))
+    purpose = "selection" if recipe.data.evaluate_on == "validation" else "report"
+    oracle = EvaluationOracle(
+        oracle_half(splits.oracle, purpose), task, cache_dir(), seed=derive_seed(recipe.seed, "oracle", purpose)
+    )
     per_class = int(recipe.algorithm.params.get("eval_samples_per_class", 30))
     class_ids = np.repeat(np.arange(task.num_classes), per_class)
-    seeds = [derive_seed(recipe.seed, "evaluate_generator", j) for j in range(len(class_ids))]
+    seeds = [derive_seed(recipe.seed, "evaluate_generator", purpose, j) for j in range(len(class_ids))]
     images = generator.generate([task.prompt(int(c)) for c in class_ids], seeds)
     extra_ids = np.repeat(np.arange(task.num_classes), EXTRA_PER_CLASS)
     extra = generator.generate(

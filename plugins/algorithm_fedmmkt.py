@@ -129,9 +129,17 @@ class FedMMKT(Algorithm):
         self.adapter_share = None
         self.oracle = None
         if self.config.evaluate_generator:
-            from .oracle import EvaluationOracle
+            from .oracle import EvaluationOracle, oracle_half
 
-            self.oracle = EvaluationOracle(ctx.data.oracle, task, cache_dir(), seed=ctx.seed_for("oracle"))
+            # Choices are made on the validation split with the selection oracle; the test split's figures
+            # come from the report oracle, trained on the other half of the oracle data.
+            self.oracle_purpose = "selection" if ctx.recipe.data.evaluate_on == "validation" else "report"
+            self.oracle = EvaluationOracle(
+                oracle_half(ctx.data.oracle, self.oracle_purpose) if ctx.data.oracle is not None else None,
+                task,
+                cache_dir(),
+                seed=ctx.seed_for("oracle", self.oracle_purpose),
+            )
             self.reference_features = self.oracle.features(ctx.data.evaluation.images)
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -376,7 +384,7 @@ class FedMMKT(Algorithm):
         assert self.oracle is not None and ctx.generator is not None
         class_ids = np.repeat(np.arange(ctx.task.num_classes), cfg.eval_samples_per_class)
         with ctx.phase("evaluate_generator"):
-            seeds = [ctx.seed_for("evaluate_generator", j) for j in range(len(class_ids))]
+            seeds = [ctx.seed_for("evaluate_generator", self.oracle_purpose, j) for j in range(len(class_ids))]
             images = ctx.generator.generate([self.class_prompts[c] for c in class_ids], seeds)
             cas = self.oracle.cas(images, class_ids)
             fid = frechet_distance(self.oracle.features(images), self.reference_features)

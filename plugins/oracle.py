@@ -23,6 +23,20 @@ from .torch_classifier import torch
 ORACLE_VERSION = 1
 
 
+def oracle_half(oracle_split: ImageSet, purpose: str) -> ImageSet:
+    """The oracle data split in two, class by class (alternate images of each class): the *selection*
+    oracle judges every choice made on the validation split, the *report* oracle the published figures,
+    so no setting is chosen on the oracle that reports it."""
+    if purpose not in ("selection", "report"):
+        raise ValueError(f"oracle purpose must be 'selection' or 'report', not {purpose!r}")
+    labels = np.asarray(oracle_split.labels)
+    keep = np.zeros(len(labels), bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep[members[0 if purpose == "selection" else 1 :: 2]] = True
+    return oracle_split.subset(np.flatnonzero(keep))
+
+
 class EvaluationOracle:
     """A CNN trained on the oracle split; ``cas`` and ``frechet_distance`` for generated images."""
 

@@ -45,3 +45,19 @@ def test_frechet_distance_by_hand():
 def test_no_oracle_split_is_a_clear_error(splits, tmp_path):
     with pytest.raises(DataError, match="oracle_fraction"):
         EvaluationOracle(None, splits.task, tmp_path, seed=0)
+
+
+def test_selection_and_report_oracles_split_the_oracle_data_class_by_class():
+    from fedmmkt_plugins.oracle import oracle_half
+
+    from fedmmkt_core.data import ImageSet
+
+    labels = np.array([0, 1, 0, 1, 0, 1, 2])
+    images = np.arange(7, dtype=np.uint8).repeat(4).reshape(7, 2, 2, 1)
+    split = ImageSet(images, labels)
+    selection, report = oracle_half(split, "selection"), oracle_half(split, "report")
+    assert selection.images[:, 0, 0, 0].tolist() == [0, 1, 4, 5, 6]  # 1st and 3rd of each class
+    assert report.images[:, 0, 0, 0].tolist() == [2, 3]  # the 2nd
+    assert sorted(selection.images[:, 0, 0, 0].tolist() + report.images[:, 0, 0, 0].tolist()) == list(range(7))
+    with pytest.raises(ValueError):
+        oracle_half(split, "test")
