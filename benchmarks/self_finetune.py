@@ -7,9 +7,10 @@ For every seed and latent kind (``generator.params.fine_tune_latents``): build t
 cached pre-trained base), draw ``samples_per_class`` images per class from the base, then fine-tune the
 LoRA ``--calls`` times on them with their own prompts (``weighted-denoising``, every pair aligned: no client
 signal, so nothing should change). CAS on 100 images per class (by an oracle trained on the whole oracle
-split: a diagnostic, not a selection) and the Fréchet distance to the evaluation split are measured before and after each call. A fine-tuning that feeds the UNet latents of
-another distribution than pre-training did (posterior samples instead of means) turns the images to noise
-here; one that matches keeps CAS and the distance about where they were.
+split: a diagnostic, not a selection) and the Fréchet distance to the evaluation split are measured before
+and after each call. A fine-tuning that feeds the UNet latents of another distribution than pre-training
+did (posterior samples instead of means) turns the images to noise here; one that matches keeps CAS and
+the distance about where they were.
 Writes ``benchmarks/results/self-finetune-<recipe>.json``.
 """
 
