@@ -42,10 +42,29 @@ CLIENT_SETS: dict[str, list[dict[str, Any]]] = {
     "homogeneous": [{**RESNET, "count": 6}],
 }
 ALGORITHMS = [
-    "local", "fedavg", "feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt", "centralized"
+    "local", "fedavg", "feddf", "feddf-sharpened", "fedmmkt-frozen-generator", "fedmmkt-no-feedback",
+    "fedmmkt-ceiling-generator", "fedmmkt", "centralized",
 ]  # fmt: skip
-GENERATOR_ALGORITHMS = {"feddf", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt", "centralized"}
-METRICS = ["client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial"]
+GENERATOR_ALGORITHMS = {
+    "feddf", "feddf-sharpened", "fedmmkt-frozen-generator", "fedmmkt-no-feedback", "fedmmkt-ceiling-generator",
+    "fedmmkt", "centralized",
+}  # fmt: skip
+METRICS = [
+    "client_accuracy_mean", "client_accuracy_min", "generator_cas", "generator_cas_initial", "generator_fid",
+    "generator_fid_initial",
+]  # fmt: skip
+# The paired comparisons a reviewer asks for: (name, metric, algorithm, its reference, reference's metric).
+PAIRED = [
+    ("clients: FedMMKT - frozen generator (the loop)", "client_accuracy_mean", "fedmmkt", "fedmmkt-frozen-generator"),
+    ("clients: FedMMKT - sharpened FedDF", "client_accuracy_mean", "fedmmkt", "feddf-sharpened"),
+    ("clients: FedMMKT - FedDF", "client_accuracy_mean", "fedmmkt", "feddf"),
+    ("clients: ceiling generator - frozen generator", "client_accuracy_mean", "fedmmkt-ceiling-generator",
+     "fedmmkt-frozen-generator"),
+    ("CAS: FedMMKT - step-matched control", "generator_cas", "fedmmkt", "fedmmkt-no-feedback"),
+    ("CAS: FedMMKT - its start", "generator_cas", "fedmmkt", "fedmmkt"),
+    ("CAS: pooled-real ceiling - its start", "generator_cas", "centralized", "centralized"),
+    ("Frechet: FedMMKT - its start", "generator_fid", "fedmmkt", "fedmmkt"),
+]  # fmt: skip
 BYTES = ["bytes_up_per_client_round", "bytes_down_per_client_round"]
 RESULT_FILE = RESULTS / "quality-digits.json"
 OTHER_GENERATOR = "(another generator training)"
@@ -57,7 +76,8 @@ def valid(algorithm: str, client_set: str) -> bool:
 
 
 FINE_TUNE_FIELDS = (
-    "lr", "batch_size", "max_grad_norm", "fine_tune_steps", "fine_tune_epochs", "fine_tune_snr_gamma", "lora"
+    "lr", "batch_size", "max_grad_norm", "fine_tune_steps", "fine_tune_epochs", "fine_tune_snr_gamma",
+    "fine_tune_latents", "lora",
 )  # fmt: skip
 
 
@@ -97,7 +117,7 @@ def overrides_for(
     from fedmmkt_core.recipe import load_recipe
 
     params = dict(load_recipe(recipe_path).algorithm.params) if algorithm in GENERATOR_ALGORITHMS else {}
-    if algorithm in ("feddf", "centralized"):  # same transfer set and evaluation, none of FedMMKT's targets
+    if algorithm in ("feddf", "feddf-sharpened", "centralized"):  # same transfer set, none of FedMMKT's targets
         params = {k: v for k, v in params.items() if k not in ("client_targets", "prompt_weight")}
     return [
         f"seed={seed}",
@@ -146,23 +166,56 @@ def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None)
     algorithms measured under generator training other than ``current`` get rows of their own, after the rest."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["client_set"], run["alpha"], label(run, current)), []).append(run)
+        name = label(run, current)
+        training = merge_key(run)[-1] if name != run["algorithm"] else ""  # earlier trainings are never pooled
+        groups.setdefault((run["client_set"], run["alpha"], name, training), []).append(run)
     order = {a: i for i, a in enumerate(ALGORITHMS)}
 
     def position(key: tuple) -> tuple:
         algorithm, _, other = key[2].partition(" ")
-        return (key[0], key[1], bool(other), order.get(algorithm, 99))
+        return (key[0], key[1], bool(other), key[3], order.get(algorithm, 99))
 
     table = []
-    for (client_set, alpha, algorithm), members in sorted(groups.items(), key=lambda kv: position(kv[0])):
+    for (client_set, alpha, algorithm, _), members in sorted(groups.items(), key=lambda kv: position(kv[0])):
         row: dict[str, Any] = {"client_set": client_set, "alpha": alpha, "algorithm": algorithm,
                                "seeds": sorted(m["seed"] for m in members)}  # fmt: skip
+        by_seed = sorted(members, key=lambda m: m["seed"])
         for key in (*METRICS, *BYTES, "process_seconds"):
-            values = [m[key] for m in members if key in m]
+            values = [m[key] for m in by_seed if key in m]
             if values:
                 row[key] = spread(values)
+                if len(values) == len(by_seed):
+                    row[key]["per_seed"] = values  # aligned with row["seeds"]
         table.append(row)
     return table
+
+
+def paired(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per (client set, α): each of :data:`PAIRED`'s comparisons on the seeds both sides ran (current
+    generator training only), as the mean per-seed difference with its 95 % t-interval."""
+    from .common import paired_interval
+
+    chosen = [r for r in runs if label(r, current) == r["algorithm"]]
+    by = {(r["client_set"], r["alpha"], r["algorithm"], r["seed"]): r for r in chosen}
+    out = []
+    for client_set, alpha in sorted({(r["client_set"], r["alpha"]) for r in chosen}):
+        for name, metric, first, second in PAIRED:
+            reference = metric + "_initial" if first == second else metric
+            seeds = sorted(
+                seed
+                for (c, a, algorithm, seed), run in by.items()
+                if (c, a, algorithm) == (client_set, alpha, first)
+                and metric in run
+                and reference in by.get((c, a, second, seed), {})
+            )
+            if seeds:
+                differences = [
+                    by[(client_set, alpha, first, s)][metric] - by[(client_set, alpha, second, s)][reference]
+                    for s in seeds
+                ]
+                out.append({"client_set": client_set, "alpha": alpha, "comparison": name, "metric": metric,
+                            "seeds": seeds, **paired_interval(differences)})  # fmt: skip
+    return out
 
 
 def print_table(table: list[dict[str, Any]]) -> None:
@@ -236,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         atomic_write_json(result_file, {
             "setting": setting, "command": command, "machine": machine(), "runs": runs,
-            "table": summarize(runs, current),
+            "table": [r for r in summarize(runs, current) if not r["algorithm"].endswith(OTHER_GENERATOR)],
+            "archive": [r for r in summarize(runs, current) if r["algorithm"].endswith(OTHER_GENERATOR)],
+            "paired": paired(runs, current),
         })  # fmt: skip
 
     todo = [c for c in cells if c not in done and not args.no_run]

@@ -82,8 +82,10 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
         ]
     ]
     rows = quality.summarize(runs, current)
-    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", "fedmmkt (another generator training)"]
-    assert [r["client_accuracy_mean"]["mean"] for r in rows] == [0.5, 0.8, 0.5]
+    other = "fedmmkt (another generator training)"
+    assert [r["algorithm"] for r in rows] == ["local", "fedmmkt", other, other]  # two earlier trainings, not pooled
+    assert [r["client_accuracy_mean"]["mean"] for r in rows[:2]] == [0.5, 0.8]
+    assert sorted(r["client_accuracy_mean"]["mean"] for r in rows[2:]) == [0.4, 0.6]
     assert readme.display_name(rows[2]["algorithm"]) == "FedMMKT, another generator training"
     assert len({quality.merge_key(r) for r in runs}) == 4
     assert readme.other_training(runs, current) == "`pretrain.steps=1500`; or `fine_tune_snr_gamma=2.0`"
@@ -92,7 +94,7 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
 def test_fedavg_cells_only_for_one_architecture():
     cells = [(c, a) for c in quality.CLIENT_SETS for a in quality.ALGORITHMS if quality.valid(a, c)]
     assert ("heterogeneous", "fedavg") not in cells and ("homogeneous", "fedavg") in cells
-    assert len(cells) == 13  # 7 algorithms on one client set, 6 on the other
+    assert len(cells) == 17  # 9 algorithms on one client set, 8 on the other
 
 
 def test_ablation_runs_around_an_earlier_default_are_labelled_and_not_reused(tmp_path):
@@ -115,7 +117,8 @@ def test_readme_results_section_matches_the_result_files():
     headline = readme.README.read_text(encoding="utf-8")
     generated = headline.split(readme.HEADLINE_BEGIN, 1)[1].split(readme.HEADLINE_END, 1)[0]
     assert readme.HEADLINE_BEGIN + generated + readme.HEADLINE_END == readme.render_headline()
-    assert "| **FedMMKT** |" in generated
+    assert "| **FedMMKT** |" in generated or "not measured yet under the current recipe" in generated
+    assert "another generator training" not in generated  # the headline shows the current recipe only
 
 
 def test_sd_shaped_summary_has_the_issue_fields():
@@ -133,3 +136,25 @@ def test_sd_shaped_summary_has_the_issue_fields():
     assert out["fine_tune"]["ratio_to_bare"] == {"weighted-denoising": 1.5}
     assert out["fine_tune"]["steps_per_second"] == {"weighted-denoising": 3.0}
     assert out["peak_memory_bytes"] == {"toolkit_generation": 10} and out["by_dtype"]["float32"] is figures
+
+
+def test_quality_rows_list_every_seed_and_paired_intervals_pair_seeds():
+    cell = {"client_set": "heterogeneous", "alpha": 0.5}
+    runs = [
+        {**cell, "seed": s, "algorithm": a, "client_accuracy_mean": acc, "generator_cas": cas,
+         "generator_cas_initial": 0.2}
+        for s, a, acc, cas in [
+            (1, "fedmmkt", 0.80, 0.5), (0, "fedmmkt", 0.70, 0.4), (2, "fedmmkt", 0.75, 0.3),
+            (0, "fedmmkt-frozen-generator", 0.60, 0.2), (1, "fedmmkt-frozen-generator", 0.72, 0.2),
+        ]
+    ]  # fmt: skip
+    rows = {r["algorithm"]: r for r in quality.summarize(runs)}
+    assert rows["fedmmkt"]["seeds"] == [0, 1, 2]
+    assert rows["fedmmkt"]["client_accuracy_mean"]["per_seed"] == [0.70, 0.80, 0.75]
+    comparisons = {p["comparison"]: p for p in quality.paired(runs)}
+    loop = comparisons["clients: FedMMKT - frozen generator (the loop)"]
+    assert loop["seeds"] == [0, 1] and loop["per_seed"] == pytest.approx([0.10, 0.08])
+    half = 12.706 * 0.01  # t(0.975, 1) · stdev([0.10, 0.08]) / sqrt(2)
+    assert loop["mean"] == pytest.approx(0.09) and loop["high"] - loop["mean"] == pytest.approx(half, rel=1e-3)
+    start = comparisons["CAS: FedMMKT - its start"]
+    assert start["seeds"] == [0, 1, 2] and start["per_seed"] == pytest.approx([0.2, 0.3, 0.1])
