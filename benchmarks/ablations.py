@@ -124,6 +124,44 @@ def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None)
     return table
 
 
+def paired_vs(runs: list[dict[str, Any]], reference: str, current: dict[str, Any] | None = None) -> list[dict]:
+    """Every variant against ``reference`` on the seeds both ran (same cell), per metric: the mean per-seed
+    difference with its 95 % t-interval; and each variant's CAS and Fréchet change from its start."""
+    from .common import paired_interval
+
+    chosen = [r for r in runs if label(r, current) == r["variant"]]
+    by = {(r["client_set"], r["alpha"], r["variant"], r["seed"]): r for r in chosen}
+    out = []
+    for client_set, alpha, variant in sorted({(r["client_set"], r["alpha"], r["variant"]) for r in chosen}):
+        mine = {s: r for (c, a, v, s), r in by.items() if (c, a, v) == (client_set, alpha, variant)}
+        comparisons = []
+        if variant != reference:
+            comparisons += [(f"{metric}: {variant} - {reference}", metric, reference, metric)
+                            for metric in ("client_accuracy_mean", "generator_cas", "generator_fid")]  # fmt: skip
+        comparisons += [
+            (f"{metric}: {variant} - its start", metric, variant, metric + "_initial")
+            for metric in ("generator_cas", "generator_fid")
+        ]
+        for name, metric, other, other_metric in comparisons:
+            seeds = sorted(
+                s for s, r in mine.items() if metric in r and other_metric in by.get((client_set, alpha, other, s), {})
+            )
+            if seeds:
+                differences = [mine[s][metric] - by[(client_set, alpha, other, s)][other_metric] for s in seeds]
+                out.append({"client_set": client_set, "alpha": alpha, "comparison": name, "seeds": seeds,
+                            **paired_interval(differences)})  # fmt: skip
+    return out
+
+
+def print_paired(paired: list[dict[str, Any]]) -> None:
+    for row in paired:
+        low = "-" if row["low"] is None else f"{row['low']:+.3f}"
+        high = "-" if row["high"] is None else f"{row['high']:+.3f}"
+        seeds = " ".join(f"{v:+.3f}" for v in row["per_seed"])
+        print(f"{row['client_set']:14} {row['alpha']:>4} {row['comparison']:58} {row['mean']:+.3f} "
+              f"[{low}, {high}]  seeds {row['seeds']}: {seeds}")  # fmt: skip
+
+
 def print_table(table: list[dict[str, Any]]) -> None:
     def cell(row: dict, key: str) -> str:
         return f"{row[key]['mean']:.3f}±{row[key]['std']:.3f}" if key in row else "-"
@@ -148,21 +186,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ablations"))
     parser.add_argument("--results", type=Path, default=None, help="default: results/ablations-<recipe>.json")
+    parser.add_argument("--merge-from", type=Path, nargs="*", default=[], help="add these files' runs (same setting)")
+    parser.add_argument("--reference", default="fedmmkt", help="the variant paired differences are taken against")
+    parser.add_argument("--no-run", action="store_true", help="only merge and rewrite the results file")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     result_file = args.results or RESULTS / f"ablations-{args.recipe.stem}.json"
     setting = {"recipe": str(args.recipe), "rounds": args.rounds, "torch_threads": threads, "split": "validation"}
     previous = json.loads(result_file.read_text()) if result_file.exists() else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    for other in args.merge_from:  # runs another worker measured with the same setting
+        data = json.loads(other.read_text())
+        if data.get("setting") != setting:
+            raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
+        known = {(r["client_set"], r["alpha"], r["seed"], r["variant"], json.dumps(r.get("baseline"))) for r in runs}
+        runs += [
+            r
+            for r in data["runs"]
+            if (r["client_set"], r["alpha"], r["seed"], r["variant"], json.dumps(r.get("baseline"))) not in known
+        ]
     current = baseline(args.recipe)
     done = {(r["client_set"], r["alpha"], r["seed"], r["variant"]) for r in runs if r.get("baseline") == current}
     cells = [(c, a, s, v) for c in args.client_sets for a in args.alphas for s in args.seeds for v in args.variants]
-    todo = [cell for cell in cells if cell not in done]
+    todo = [cell for cell in cells if cell not in done and not args.no_run]
     command = f"python -m benchmarks ablations --recipe {args.recipe} --rounds {args.rounds}"
 
     def save() -> None:
         atomic_write_json(result_file, {"setting": setting, "command": command, "machine": machine(), "runs": runs,
-                                        "baseline": current, "table": summarize(runs, current)})  # fmt: skip
+                                        "baseline": current, "table": summarize(runs, current),
+                                        "reference": args.reference,
+                                        "paired": paired_vs(runs, args.reference, current)})  # fmt: skip
 
     print(f"{len(cells)} cells, {len(todo)} to run", flush=True)
     for index, (client_set, alpha, seed, variant) in enumerate(todo, 1):
@@ -174,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     save()
     print_table(summarize(runs, current))
+    print_paired(paired_vs(runs, args.reference, current))
     print(f"wrote {result_file}")
 
 

@@ -158,3 +158,22 @@ def test_quality_rows_list_every_seed_and_paired_intervals_pair_seeds():
     assert loop["mean"] == pytest.approx(0.09) and loop["high"] - loop["mean"] == pytest.approx(half, rel=1e-3)
     start = comparisons["CAS: FedMMKT - its start"]
     assert start["seeds"] == [0, 1, 2] and start["per_seed"] == pytest.approx([0.2, 0.3, 0.1])
+
+
+def test_ablation_pairs_each_variant_with_the_reference_and_its_start_per_seed():
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "baseline": None}
+    runs = [
+        {**cell, "seed": s, "variant": v, "client_accuracy_mean": acc, "generator_cas": cas,
+         "generator_cas_initial": 0.3, "generator_fid": 100.0, "generator_fid_initial": 110.0}
+        for s, v, acc, cas in [
+            (0, "fedmmkt", 0.70, 0.40), (1, "fedmmkt", 0.72, 0.35),
+            (0, "transfer=judged", 0.75, 0.45), (1, "transfer=judged", 0.74, 0.30), (2, "transfer=judged", 0.9, 0.9),
+        ]
+    ]  # fmt: skip
+    rows = {r["comparison"]: r for r in ablations.paired_vs(runs, "fedmmkt")}
+    clients = rows["client_accuracy_mean: transfer=judged - fedmmkt"]
+    assert clients["seeds"] == [0, 1] and clients["per_seed"] == pytest.approx([0.05, 0.02])
+    start = rows["generator_cas: transfer=judged - its start"]
+    assert start["seeds"] == [0, 1, 2] and start["per_seed"] == pytest.approx([0.15, 0.0, 0.6])
+    assert rows["generator_fid: fedmmkt - its start"]["per_seed"] == pytest.approx([-10.0, -10.0])
+    assert "client_accuracy_mean: fedmmkt - fedmmkt" not in rows
