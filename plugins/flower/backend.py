@@ -19,7 +19,7 @@ from pydantic import Field
 from fedmmkt_core.errors import ClientFailure, UserError
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.paths import InputPath
-from fedmmkt_core.rundir import atomic_write_text
+from fedmmkt_core.rundir import atomic_write_bytes, atomic_write_text
 from fedmmkt_core.wire import DEFAULT_MAX_BYTES, Message
 
 from .codec import flower_nbytes, from_records, to_records
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedmmkt")
 
 WIRE_FILE = "flower_wire.jsonl"  # bytes per message as Flower serializes it vs the toolkit's count
+REPLIES_FOLDER = "flower_replies"  # record_replies: every reply as it arrived from its node
 FLOWER_TYPES = {"fit": "train", "evaluate": "evaluate"}  # everything else travels as "query"
 
 
@@ -56,6 +57,12 @@ class FlowerConfig(ComponentConfig):
     )
     poll_seconds: float = Field(0.3, gt=0, description="how often the ServerApp polls the SuperLink for replies")
     max_message_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0, description="largest message accepted from a peer")
+    record_replies: bool = Field(
+        False,
+        description="audit: write every node's reply as it arrived (the toolkit's wire encoding, "
+        "Message.decode reads it) to RUN_DIR/flower_replies/round<R>-client<K>-<N>-<type>.msg, failed rounds "
+        "included; failures and refusals get their reason in flower_wire.jsonl",
+    )
     num_cpus_per_client: int = Field(
         1, ge=1, description="simulation: CPUs Ray reserves per client, so at most ray_num_cpus / this run at once"
     )
@@ -254,6 +261,14 @@ class FlowerBackend(Backend):
         }
         if isinstance(reply, Message):
             row.update(up_toolkit_bytes=reply.nbytes, up_flower_bytes=flower_nbytes(raw))
+        elif isinstance(reply, ClientFailure):
+            row["failure"] = reply.reason
+        if self.config.record_replies and isinstance(reply, Message):
+            folder = self.ctx.run_dir.root / REPLIES_FOLDER
+            folder.mkdir(exist_ok=True)
+            number = sum(1 for _ in folder.glob(f"round{round_index + 1}-client{client_id}-*"))
+            name = f"round{round_index + 1}-client{client_id}-{number:03d}-{reply.type}.msg"
+            atomic_write_bytes(folder / name, reply.encode())
         self.wire_rows.append(row)
 
     def commit_round(self, round_index: int) -> None:

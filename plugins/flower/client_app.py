@@ -11,6 +11,12 @@ Node config (``flower-supernode --node-config``):
                    ``data-root/.fedmmkt-state``); what ``fedmmkt run --resume`` needs
 ``client-secret``  this node's own DP randomness (see :meth:`ClientRuntime.noise_rng`)
 
+Run config (written by :func:`~.packaging.client_run_config`): ``client-recipe``, the node's recipe
+(no server settings), and ``client-privacy``, the recipe's privacy section (JSON; empty without DP),
+with which the node builds its client: under DP it noises its logits, withholds everything else,
+keeps its privacy ledger next to its weights (``client_K.privacy.json``, never discarded on resume)
+and refuses what would leak more (see :mod:`fedmmkt_core.client`).
+
 Client weights go to ``<state-dir>/<run key>/client_K/client_K.r<round>.safetensors``
 (:class:`~fedmmkt_core.client.ClientStateStore`), the round coming with every message. The first
 message of a Flower run claims the folder for that run (``owner.json``) and deletes files of rounds
@@ -38,6 +44,7 @@ from .codec import from_records, round_from_records, to_records, unb64
 from .processes import SIM_TOKEN
 
 WEIGHTS_STATE = "fedmmkt.weights"  # context.state record of a node without a state folder
+LEDGER_STATE = "fedmmkt.privacy-ledger"  # context.state record: its privacy ledger (JSON), under DP
 STATE_FOLDER = ".fedmmkt-state"  # under data-root when no state-dir is given
 RUN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
@@ -151,7 +158,7 @@ def _client_reply(message: Any, context: Any) -> Message:
         state.claim(flower_run, start_round)
         if request.type == "hello":
             return Message("hello_reply", {"client_id": client_id})
-        runtime = _factory(recipe, node_config).build(client_id)
+        runtime = _factory(recipe, context).build(client_id, ledger=state.store.ledger(client_id))
         weights = state.load(round_index)
         if weights is not None:
             runtime.model.set_weights(weights)
@@ -161,28 +168,46 @@ def _client_reply(message: Any, context: Any) -> Message:
     return reply
 
 
-def _factory(recipe: Any, node_config: Any) -> Any:
+def run_privacy(run_config: Any) -> Any:
+    """The recipe's privacy section as the run config carries it (None without DP)."""
+    from fedmmkt_core.privacy import SoftLabelPrivacy
+
+    text = str(run_config.get("client-privacy", ""))
+    return SoftLabelPrivacy.model_validate(json.loads(unb64(text))) if text else None
+
+
+def _factory(recipe: Any, context: Any) -> Any:
     from fedmmkt_core.client import ClientFactory
 
+    node_config = context.node_config
     secret = node_config.get("client-secret")  # the node's own DP randomness (see ClientRuntime.noise_rng)
     data_root = node_config.get("data-root")
     return ClientFactory(
         recipe,
         secret=str(secret) if secret is not None else None,
         data_root=Path(str(data_root)) if data_root is not None else None,
+        privacy=run_privacy(context.run_config),
     )
 
 
 def _reply_in_memory(request: Message, context: Any, recipe: Any, client_id: int) -> Message:
     """A node without a state folder: weights in ``context.state`` for the length of the Flower run."""
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import Array, ArrayRecord, ConfigRecord
     from safetensors.numpy import load, save
 
-    runtime = _factory(recipe, context.node_config).build(client_id)
+    from fedmmkt_core.privacy import PrivacyLedger
+
+    kept = context.state.config_records.get(LEDGER_STATE)
+    ledger = PrivacyLedger(entries=json.loads(str(kept["uploads"])) if kept is not None else [])
+    runtime = _factory(recipe, context).build(client_id, ledger=ledger)
     stored = context.state.array_records.get(WEIGHTS_STATE)
     if stored is not None:
         runtime.model.set_weights(load(bytes(stored["weights"].data)))
-    reply = runtime.handle(request)
+    try:
+        reply = runtime.handle(request)
+    finally:  # an upload charged before a failure stays charged
+        if runtime.privacy is not None:
+            context.state[LEDGER_STATE] = ConfigRecord({"uploads": json.dumps(ledger.entries)})
     if runtime.weights_changed:
         blob = save(runtime.model.get_weights())
         array = Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)

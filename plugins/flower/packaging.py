@@ -43,13 +43,26 @@ RUN_FILE = "flower_run.json"  # the run's key: names the clients' state folders 
 
 
 def client_recipe_text(recipe: Recipe) -> str:
-    """What a SuperNode needs to rebuild its client: seed, data, clients, federation (no server settings)."""
+    """What a SuperNode needs to rebuild its client: seed, data, clients, federation (no server settings).
+
+    The privacy section travels next to it (:func:`client_run_config`): a recipe with ``privacy`` must
+    name an algorithm that uploads soft labels, and the node's recipe names none."""
     from fedmmkt_core.recipe import dump_yaml
 
     resolved = recipe.resolved()
     keep = {k: resolved[k] for k in ("fedmmkt", "name", "seed", "data", "clients", "federation")}
     keep.update(algorithm={"name": "local", "params": {}}, loggers=[])
     return dump_yaml(keep)
+
+
+def client_run_config(recipe: Recipe) -> dict[str, str]:
+    """The run config keys every ClientApp reads: its recipe and the recipe's privacy section (JSON,
+    empty without DP), from which the node builds its client (:mod:`.client_app`)."""
+    privacy = recipe.privacy.model_dump(mode="json") if recipe.privacy is not None else None
+    return {
+        "client-recipe": b64(client_recipe_text(recipe)),
+        "client-privacy": b64(json.dumps(privacy)) if privacy is not None else "",
+    }
 
 
 def app_pyproject(run_config: dict[str, Any]) -> str:
@@ -112,7 +125,7 @@ def run_config(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
     (out / STATUS_FILE).unlink(missing_ok=True)
     values: dict[str, Any] = {
         "recipe": b64(dump_yaml(recipe.resolved())),
-        "client-recipe": b64(client_recipe_text(recipe)),
+        **client_run_config(recipe),
         "base-dir": str(recipe.base_dir.resolve()),
         "out-dir": str(out),
         "max-message-bytes": config.max_message_bytes,
