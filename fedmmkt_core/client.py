@@ -34,7 +34,7 @@ from .data import DistillSet, ImageSet, TaskSpec
 from .errors import DataError
 from .faults import FaultSpec
 from .interfaces import ClientModel
-from .privacy import PrivacyLedger, PrivacyRefused, SoftLabelPrivacy
+from .privacy import PrivacyLedger, PrivacyRefused, SitePrivacy, SoftLabelPrivacy
 from .rundir import load_safetensors, save_safetensors
 from .wire import Message, MessageError, with_prefix
 
@@ -212,11 +212,15 @@ class ClientFactory:
         secret: str | None = None,
         data_root: Path | None = None,
         privacy: SoftLabelPrivacy | None = None,
+        site: SitePrivacy | None = None,
     ):
-        """``privacy``: the DP settings to build clients with (default: the recipe's section; a Flower
-        node gets them next to its recipe, which names no algorithm that uploads soft labels)."""
+        """``privacy``: the recipe's DP settings (default: its section; a Flower node gets them next to
+        its recipe, which names no algorithm that uploads soft labels). ``site``: the site's own
+        (default: from this process's environment, :class:`~fedmmkt_core.privacy.SitePrivacy`); a
+        client runs under the stricter of the two."""
         self.recipe = recipe
         self.privacy = privacy if privacy is not None else recipe.privacy
+        self.site = site if site is not None else SitePrivacy.read()
         self.secret = secret if secret is not None else os.environ.get(CLIENT_SECRET_ENV) or None
         self.data_root = Path(data_root) if data_root is not None else None
         self._data: tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray] | None] | None = None
@@ -283,7 +287,7 @@ class ClientFactory:
             evaluation,
             task,
             fault=fault,
-            privacy=self.privacy,
+            privacy=self.site.apply(self.privacy),
             secret=self.secret,
             ledger=ledger,
         )

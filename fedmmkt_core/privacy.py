@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +77,89 @@ class SoftLabelPrivacy(BaseModel):
     def epsilon_spent(self, uploads_per_client: Iterable[int]) -> float:
         """The largest ε over clients, given how many rounds each uploaded in."""
         return max((self.epsilon(count) for count in set(uploads_per_client)), default=0.0)
+
+
+class SitePrivacy(BaseModel):
+    """A site's own privacy settings, checked against the recipe's: the stricter of the two wins.
+
+    From the client's environment (``FEDMMKT_DP_NOISE_MULTIPLIER``, ``FEDMMKT_DP_DELTA``,
+    ``FEDMMKT_DP_MAX_EPSILON``) and, on Flower, its node config (``dp-noise-multiplier``,
+    ``dp-delta``, ``dp-max-epsilon``); where both are set, the stricter value. A site that sets a
+    noise multiplier runs under DP even when the recipe has no privacy section.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_multiplier: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_epsilon: float | None = Field(None, gt=0)
+
+    ENV: ClassVar[dict[str, str]] = {
+        "noise_multiplier": "FEDMMKT_DP_NOISE_MULTIPLIER",
+        "delta": "FEDMMKT_DP_DELTA",
+        "max_epsilon": "FEDMMKT_DP_MAX_EPSILON",
+    }
+    NODE_CONFIG: ClassVar[dict[str, str]] = {
+        "noise_multiplier": "dp-noise-multiplier",
+        "delta": "dp-delta",
+        "max_epsilon": "dp-max-epsilon",
+    }
+
+    @classmethod
+    def read(cls, node_config: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None):
+        """The site's settings from its environment and node config (the stricter where both are set)."""
+        environ = os.environ if environ is None else environ
+        sources = [(environ, cls.ENV, "environment variable"), (node_config or {}, cls.NODE_CONFIG, "node config key")]
+        merged = cls()
+        for values, keys, what in sources:
+            found = {}
+            for field, key in keys.items():
+                raw = values.get(key)
+                if raw is None or raw == "":
+                    continue
+                try:
+                    found[field] = float(raw)  # type: ignore[arg-type]
+                except (TypeError, ValueError):
+                    from .errors import UserError
+
+                    raise UserError(f"{what} {key}={raw!r} is not a number") from None
+            try:
+                merged = merged.stricter(cls(**found))
+            except ValueError as exc:
+                from .errors import UserError
+
+                raise UserError(f"site privacy settings ({what}s {sorted(keys.values())}): {exc}") from None
+        return merged
+
+    def stricter(self, other: SitePrivacy) -> SitePrivacy:
+        return SitePrivacy(
+            noise_multiplier=_pick(max, self.noise_multiplier, other.noise_multiplier),
+            delta=_pick(min, self.delta, other.delta),
+            max_epsilon=_pick(min, self.max_epsilon, other.max_epsilon),
+        )
+
+    def apply(self, recipe: SoftLabelPrivacy | None) -> SoftLabelPrivacy | None:
+        """The settings this client runs under: the stricter of the recipe's and the site's."""
+        if recipe is None and self.noise_multiplier is None:
+            if self.max_epsilon is not None:  # without noise ε is unbounded: nothing may go up
+                raise PrivacyRefused(
+                    f"the site's budget max_epsilon={self.max_epsilon:g} needs DP, and neither the recipe (no privacy "
+                    "section) nor the site (no noise multiplier) sets it"
+                )
+            return None
+        base = recipe if recipe is not None else SoftLabelPrivacy(noise_multiplier=self.noise_multiplier)
+        return base.model_copy(
+            update={
+                "noise_multiplier": _pick(max, base.noise_multiplier, self.noise_multiplier),
+                "delta": _pick(min, base.delta, self.delta),
+                "max_epsilon": _pick(min, base.max_epsilon, self.max_epsilon),
+            }
+        )
+
+
+def _pick(choose, a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return choose(values) if values else None
 
 
 def gaussian_epsilon(uploads: dict[float, int], delta: float) -> float:

@@ -142,3 +142,22 @@ def test_flower_deployment_under_dp_nodes_send_only_noised_logits(tmp_path, fede
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_epsilon"] == pytest.approx(max(computed)) == pytest.approx(SPEC.epsilon(1))
     assert [reply.config["privacy_epsilon"] for reply in fits.values()] == pytest.approx([SPEC.epsilon(1)] * 2)
+
+
+def test_a_nodes_own_privacy_settings_and_budget_win_when_stricter(tmp_path, flower_task):
+    """The site sets more noise and a budget of one upload in its node config: its client noises with
+    the site's multiplier, reports that ε and refuses the second upload, whatever the recipe says."""
+    images = np.zeros((40, 8, 8, 1), np.uint8)
+    site = SoftLabelPrivacy(noise_multiplier=4.0, clip_norm=5.0)
+    config = {"state-dir": str(tmp_path), "dp-noise-multiplier": 4.0, "dp-max-epsilon": site.epsilon(1) + 1e-6}
+    context = node_context(RECIPE + DP, config)
+    first = node_reply(context, fit(images))
+    assert first.config["privacy_epsilon"] == pytest.approx(site.epsilon(1))
+    ledger = PrivacyLedger(tmp_path / "default" / "client_1" / "client_1.privacy.json")
+    assert [e["noise_multiplier"] for e in ledger.entries] == [4.0]
+    refused = node_reply(context, fit(images), round_index=1)
+    assert refused.type == "error" and "refuses: privacy budget" in refused.config["reason"]
+    # A recipe without privacy, a site that wants DP: the node noises anyway.
+    wants_dp = node_context(RECIPE, {"state-dir": str(tmp_path / "own"), "dp-noise-multiplier": 4.0})
+    own = node_reply(wants_dp, fit(images))
+    assert set(own.arrays) == {"logits"} and set(own.config) == {"privacy_epsilon"}

@@ -123,3 +123,32 @@ def test_two_dp_runs_differ_unless_the_client_secret_fixes_the_noise(tmp_path, m
     assert alignment("a") != alignment("b")
     monkeypatch.setenv("FEDMMKT_CLIENT_SECRET", "shared-by-the-experimenter")
     assert alignment("c") == alignment("d")
+
+
+def test_a_site_runs_under_the_stricter_of_its_own_privacy_settings_and_the_recipes(monkeypatch):
+    from fedmmkt_core.client import ClientFactory
+    from fedmmkt_core.errors import UserError
+    from fedmmkt_core.privacy import PrivacyRefused, SitePrivacy
+
+    recipe = SoftLabelPrivacy(noise_multiplier=1.0, delta=1e-5, max_epsilon=20.0)
+    site = SitePrivacy.read({"dp-noise-multiplier": 2.0, "dp-max-epsilon": "50"}, environ={"FEDMMKT_DP_DELTA": "1e-6"})
+    assert site.apply(recipe).model_dump() == {
+        "clip_norm": 5.0,
+        "noise_multiplier": 2.0,  # the site's: more noise
+        "delta": 1e-6,  # the site's (environment): smaller
+        "max_epsilon": 20.0,  # the recipe's: smaller
+    }
+    both = SitePrivacy.read({"dp-max-epsilon": 8}, environ={"FEDMMKT_DP_MAX_EPSILON": "3"})
+    assert both.max_epsilon == 3  # environment and node config: the stricter too
+    assert SitePrivacy().apply(recipe) == recipe and SitePrivacy().apply(None) is None
+    assert SitePrivacy(noise_multiplier=0.5).apply(None).noise_multiplier == 0.5  # the site asks for DP itself
+    with pytest.raises(PrivacyRefused, match="budget max_epsilon=3 needs DP"):
+        SitePrivacy(max_epsilon=3).apply(None)
+    with pytest.raises(UserError, match="FEDMMKT_DP_NOISE_MULTIPLIER='lots' is not a number"):
+        SitePrivacy.read({}, environ={"FEDMMKT_DP_NOISE_MULTIPLIER": "lots"})
+    with pytest.raises(UserError, match="site privacy settings"):
+        SitePrivacy.read({"dp-delta": 2.0}, environ={})
+
+    monkeypatch.setenv("FEDMMKT_DP_MAX_EPSILON", "2.5")  # in-process: the clients' environment
+    client = ClientFactory(parse_recipe(RECIPE + "privacy: {noise_multiplier: 1.0}\n")).build(0)
+    assert client.privacy.max_epsilon == 2.5 and client.privacy.noise_multiplier == 1.0

@@ -10,6 +10,10 @@ Node config (``flower-supernode --node-config``):
 ``state-dir``      where the node keeps its client weights between messages and runs (default:
                    ``data-root/.fedmmkt-state``); what ``fedmmkt run --resume`` needs
 ``client-secret``  this node's own DP randomness (see :meth:`ClientRuntime.noise_rng`)
+``dp-noise-multiplier``, ``dp-delta``, ``dp-max-epsilon``
+                   this site's own privacy settings and budget (also from the node's environment,
+                   ``FEDMMKT_DP_*``): the client runs under the stricter of these and the recipe's
+                   (:class:`~fedmmkt_core.privacy.SitePrivacy`)
 
 Run config (written by :func:`~.packaging.client_run_config`): ``client-recipe``, the node's recipe
 (no server settings), and ``client-privacy``, the recipe's privacy section (JSON; empty without DP),
@@ -178,6 +182,7 @@ def run_privacy(run_config: Any) -> Any:
 
 def _factory(recipe: Any, context: Any) -> Any:
     from fedmmkt_core.client import ClientFactory
+    from fedmmkt_core.privacy import SitePrivacy
 
     node_config = context.node_config
     secret = node_config.get("client-secret")  # the node's own DP randomness (see ClientRuntime.noise_rng)
@@ -187,6 +192,7 @@ def _factory(recipe: Any, context: Any) -> Any:
         secret=str(secret) if secret is not None else None,
         data_root=Path(str(data_root)) if data_root is not None else None,
         privacy=run_privacy(context.run_config),
+        site=SitePrivacy.read(node_config),  # the site's own settings: the stricter of these and the recipe's
     )
 
 
