@@ -161,3 +161,32 @@ def test_a_nodes_own_privacy_settings_and_budget_win_when_stricter(tmp_path, flo
     wants_dp = node_context(RECIPE, {"state-dir": str(tmp_path / "own"), "dp-noise-multiplier": 4.0})
     own = node_reply(wants_dp, fit(images))
     assert set(own.arrays) == {"logits"} and set(own.config) == {"privacy_epsilon"}
+
+
+def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monkeypatch):
+    """The same on Flower's simulation engine (one virtual SuperNode per client, Ray)."""
+    pytest.importorskip("ray", reason="the flower-simulation extra is not installed")
+    from fedmmkt_cli.main import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    params = "mode: simulation, num_cpus_per_client: 1, ray_num_cpus: 2, record_replies: true"
+    recipe = tmp_path / "dp.yaml"
+    two_clients = RECIPE.replace("count: 3", "count: 2").replace("rounds: 2", "rounds: 1")
+    recipe.write_text(two_clients + DP + f"backend: {{name: flower, params: {{{params}}}}}\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+    replies = [Message.decode(path.read_bytes()) for path in sorted((out / REPLIES_FOLDER).glob("*-fit_reply.msg"))]
+    assert len(replies) == 2
+    for reply in replies:
+        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon"}
+        logits = reply.arrays["logits"].astype(np.float64)
+        assert logits.std() > 0.5 * SPEC.noise_std(len(logits))
+    run_key = json.loads((out / "flower_run.json").read_text())["run_key"]
+    state = out / "checkpoints" / "clients" / run_key
+    computed = [PrivacyLedger(state / f"client_{k}" / f"client_{k}.privacy.json").epsilon(SPEC.delta) for k in range(2)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["privacy_epsilon"] == pytest.approx(max(computed)) == pytest.approx(SPEC.epsilon(1))
