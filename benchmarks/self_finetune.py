@@ -17,6 +17,7 @@ Writes ``benchmarks/results/self-finetune-<recipe>.json``.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     result_file: Path = args.results or RESULTS / f"self-finetune-{args.recipe.stem}.json"
-    runs = []
+    previous = json.loads(result_file.read_text()) if result_file.exists() else {}
+    runs = previous.get("runs", []) if previous.get("calls") == args.calls else []  # resume a killed benchmark
+    done = {(r["latents"], r["seed"]) for r in runs}
     for latents in args.latents:
         for seed in args.seeds:
+            if (latents, seed) in done:
+                continue
             run = {"latents": latents, "seed": seed, **measure(args.recipe, seed, latents, args.calls)}
             runs.append(run)
             print(
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     table = []
     for latents in args.latents:
         members = [r for r in runs if r["latents"] == latents]
+        if not members:
+            continue
         row = {
             "latents": latents,
             "seeds": [r["seed"] for r in members],
