@@ -210,6 +210,57 @@ def ablations_section(data: dict[str, Any] | None, file: str) -> list[str]:
     return [*lines, ""]
 
 
+def loop_section(data: dict[str, Any] | None, file: str) -> list[str]:
+    """The loop's validation study: each variant's figures and its paired differences, every seed listed."""
+    if data is None:
+        return []
+    from .ablations import baseline, paired_vs
+    from .ablations import summarize as summarize_ablations
+
+    recipe = data["setting"]["recipe"]
+    current = baseline(Path(recipe))
+    lines = [
+        f"### The loop after the latent fix ({Path(recipe).stem}), on the validation split",
+        "",
+        f"`{data['command']}` (workers merged) → `benchmarks/results/{file}` ({machine_line(data)}). Validation "
+        "split and the selection oracle; `fedmmkt` is the recipe (transfer set from the frozen base, so its clients "
+        "are the frozen-generator ablation's), `no-feedback` the step-matched control, `transfer=judged` the "
+        "on-policy transfer policy. Mean ± std over seeds; CAS and Fréchet distance with their start in brackets.",
+        "",
+        "| variant | validation acc. mean | acc. min | generator CAS (start) | Fréchet (start) | seeds |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summarize_ablations(data["runs"], current):
+        cas = fid = "–"
+        if "generator_cas" in row:
+            cas = f"{pm(row['generator_cas'])} ({row['generator_cas_initial']['mean']:.3f})"
+        if "generator_fid" in row:
+            fid = f"{row['generator_fid']['mean']:.0f} ± {row['generator_fid']['std']:.0f} "
+            fid += f"({row['generator_fid_initial']['mean']:.0f})"
+        lines.append(
+            f"| {row['variant']} | {pm(row.get('client_accuracy_mean'))} | {pm(row.get('client_accuracy_min'))} | "
+            f"{cas} | {fid} | {len(row['seeds'])} |"
+        )
+    lines += [
+        "",
+        "Paired per seed (same split, partition, clients and base): mean difference, 95 % t-interval, every seed.",
+        "",
+        "| comparison | mean | 95 % interval | per seed (seeds) |",
+        "| --- | --- | --- | --- |",
+    ]
+    scale = {"generator_fid": 1.0}
+    for row in paired_vs(data["runs"], data.get("reference", "fedmmkt"), current):
+        metric = row["comparison"].split(":")[0]
+        unit, fmt = (1.0, "{:+.0f}") if metric in scale else (100.0, "{:+.1f}")
+        interval = "–" if row["low"] is None else f"[{fmt.format(row['low'] * unit)}, {fmt.format(row['high'] * unit)}]"
+        seeds = ", ".join(fmt.format(v * unit) for v in row["per_seed"])
+        lines.append(
+            f"| {row['comparison']} | {fmt.format(row['mean'] * unit)} | {interval} | {seeds} ({row['seeds']}) |"
+        )
+    lines += ["", "Accuracy and CAS differences in points, Fréchet distances in the oracle's feature units.", ""]
+    return lines
+
+
 def bytes_against_fedavg(quality: dict[str, Any] | None) -> list[str]:
     if quality is None:
         return []
@@ -440,6 +491,7 @@ def render() -> str:
         "",
         *quality_section(quality),
         *quality_section(load("quality-digits-typeset.json"), "quality-digits-typeset.json"),
+        *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, quality),
