@@ -89,13 +89,18 @@ class ServerContext:
         return derive_seed(self.recipe.seed, *keys)
 
     # ------------------------------------------------------------------ clients
-    @property
-    def backend(self) -> Backend | None:
-        return self._backend
+    def attach_backend(self, backend: Backend) -> None:
+        """Route :meth:`exchange` through ``backend`` (the runner does this once, before ``start``).
 
-    @backend.setter
-    def backend(self, backend: Backend) -> None:
+        The context offers no attribute that hands the backend out: server code reaches clients only
+        by messages (:meth:`exchange`, :meth:`evaluate_clients`). A backend keeps its clients where
+        nothing reachable from the context leads (see ``docs/design.md``, "The trust boundary")."""
         self._backend = backend
+
+    def commit_round(self, round_index: int) -> None:
+        """Tell the backend the round finished (the runner calls this; client state to resume from)."""
+        if self._backend is not None:
+            self._backend.commit_round(round_index)
 
     def build_client_model(self, client_id: int) -> ClientModel:
         """An untrained model of client ``client_id``'s architecture and initial weights (no data)."""

@@ -273,7 +273,7 @@ class Runner:
             (f"loggers.{i}", spec.name, recipe.build("logger", spec)) for i, spec in enumerate(recipe.loggers)
         ]
         self.logger_failures: list[dict[str, Any]] = []
-        ctx.backend = backend
+        ctx.attach_backend(backend)
         ctx.rounds_completed_at_start = completed
         backend.start(ctx)
         try:
@@ -360,7 +360,7 @@ class Runner:
             row[f"seconds_{phase}"] = seconds
         if self.recipe.privacy is not None:
             row["privacy_epsilon"] = self._epsilon_spent(ctx)
-        ctx.backend.commit_round(round_index)  # type: ignore[union-attr]
+        ctx.commit_round(round_index)
         row["seconds_round"] = time.perf_counter() - start
         # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
         # stale metrics row is dropped (see _prepare_directory).

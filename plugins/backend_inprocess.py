@@ -8,6 +8,7 @@ arrives and their weights kept on disk, so memory does not grow with the number 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -26,6 +27,27 @@ class InProcessConfig(ComponentConfig):
     resident_clients: int = Field(0, ge=0, description="clients kept built in memory between messages (0 = none)")
 
 
+class _ClientSide:
+    """The simulated clients' side of one run: their factory (which holds every client's share), their
+    state on disk and the clients kept built. Lives in :data:`_CLIENT_SIDES`, never on the backend."""
+
+    __slots__ = ("factory", "resident", "store")
+
+    def __init__(self, factory: ClientFactory, store: ClientStateStore) -> None:
+        self.factory = factory
+        self.store = store
+        self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
+
+
+# The client side of every started in-process backend, by the backend's ticket. The server side (the
+# ServerContext, and this backend, which the context routes messages through) holds only the ticket,
+# an int: no attribute, container or closure reachable from the context leads to a client object or
+# its data. Code that imports this module can still reach it, as any code in one process can reach
+# anything; the separation against such code is a process boundary (the Flower backend).
+_CLIENT_SIDES: dict[int, _ClientSide] = {}
+_tickets = itertools.count(1)
+
+
 class InProcessBackend(Backend):
     """Runs clients sequentially in this process; weights live in the run's checkpoint folder."""
 
@@ -34,17 +56,25 @@ class InProcessBackend(Backend):
 
     def start(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self._clients = ClientFactory(ctx.recipe)  # the simulated clients' side: never handed to the server
-        _ = self._clients.task  # loads and partitions the clients' data now: a bad partition fails before round 1
-        self.store = ClientStateStore(ctx.run_dir.client_state_dir)
-        self.store.discard_from(ctx.rounds_completed_at_start)
-        self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
+        self.stop()  # a backend started again (a second run) lets go of its earlier clients first
+        factory = ClientFactory(ctx.recipe)  # the simulated clients' side: never handed to the server
+        _ = factory.task  # loads and partitions the clients' data now: a bad partition fails before round 1
+        store = ClientStateStore(ctx.run_dir.client_state_dir)
+        store.discard_from(ctx.rounds_completed_at_start)
+        self._ticket = next(_tickets)
+        _CLIENT_SIDES[self._ticket] = _ClientSide(factory, store)
 
-    def _runtime(self, client_id: int, round_index: int) -> ClientRuntime:
-        runtime = self.resident.pop(client_id, None)
+    def _side(self) -> _ClientSide:
+        side = _CLIENT_SIDES.get(getattr(self, "_ticket", 0))
+        if side is None:
+            raise RuntimeError("the in-process backend is not started")
+        return side
+
+    def _runtime(self, side: _ClientSide, client_id: int, round_index: int) -> ClientRuntime:
+        runtime = side.resident.pop(client_id, None)
         if runtime is None:
-            runtime = self._clients.build(client_id, ledger=self.store.ledger(client_id))
-            weights = self.store.load(client_id, up_to_round=round_index)
+            runtime = side.factory.build(client_id, ledger=side.store.ledger(client_id))
+            weights = side.store.load(client_id, up_to_round=round_index)
             if weights is not None:
                 runtime.model.set_weights(weights)
         return runtime
@@ -55,22 +85,23 @@ class InProcessBackend(Backend):
         round_index: int,
         progress: Callable[[int], None] | None = None,
     ) -> dict[int, Message | BaseException]:
+        side = self._side()
         replies: dict[int, Message | BaseException] = {}
         timeout = self.ctx.recipe.federation.round_timeout
         for client_id in sorted(messages):
             try:
-                runtime = self._runtime(client_id, round_index)
+                runtime = self._runtime(side, client_id, round_index)
                 runtime.weights_changed = False
                 request = Message.decode(messages[client_id].encode())
                 reply = runtime.handle(request) if timeout is None else _within(timeout, runtime, request)
                 replies[client_id] = Message.decode(reply.encode())
                 if runtime.weights_changed:
-                    self.store.save(client_id, round_index, runtime.model.get_weights())
+                    side.store.save(client_id, round_index, runtime.model.get_weights())
                     crash_point("client_saved")
                 if self.config.resident_clients:
-                    self.resident[client_id] = runtime
-                    while len(self.resident) > self.config.resident_clients:
-                        self.resident.popitem(last=False)
+                    side.resident[client_id] = runtime
+                    while len(side.resident) > self.config.resident_clients:
+                        side.resident.popitem(last=False)
             except ClientDropout:
                 replies[client_id] = ClientFailure(client_id, "dropped out: no reply")
             except TimeoutError:
@@ -82,11 +113,14 @@ class InProcessBackend(Backend):
         return replies
 
     def commit_round(self, round_index: int) -> None:
+        side = self._side()
         for info in self.ctx.clients:
-            self.store.prune(info.client_id, keep_round=round_index - 1)
+            side.store.prune(info.client_id, keep_round=round_index - 1)
 
     def stop(self) -> None:
-        self.resident.clear()
+        side = _CLIENT_SIDES.pop(getattr(self, "_ticket", 0), None)
+        if side is not None:
+            side.resident.clear()
 
 
 def _within(timeout: float, runtime: ClientRuntime, request: Message) -> Message:
