@@ -32,4 +32,8 @@ class FedDF(FedMMKT):
 
     def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
         logits = np.mean([reply.arrays["logits"].astype(np.float64) for _, reply in sorted(replies.items())], axis=0)
-        return softmax(logits, self.config.kd_temperature)
+        return softmax(logits, self.ensemble_temperature())
+
+    def ensemble_temperature(self) -> float:
+        """The temperature of the ensemble's softmax (variants sharpen it)."""
+        return self.config.kd_temperature

@@ -9,12 +9,8 @@ temperature below 1 does, with no prompt: the clients distil ``softmax(mean logi
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
-from fedmmkt_core.wire import Message
-
-from .aggregator_kd import softmax
 from .algorithm_feddf import FedDF, FedDFConfig
 
 
@@ -33,6 +29,5 @@ class FedDFSharpened(FedDF):
     Config = FedDFSharpenedConfig
     config: FedDFSharpenedConfig
 
-    def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
-        logits = np.mean([reply.arrays["logits"].astype(np.float64) for _, reply in sorted(replies.items())], axis=0)
-        return softmax(logits, self.config.kd_temperature * self.config.sharpen)
+    def ensemble_temperature(self) -> float:
+        return self.config.kd_temperature * self.config.sharpen
