@@ -379,6 +379,35 @@ def federation_up(
         federation.stop()
 
 
+data_app = typer.Typer(help="Fetch and verify the files of datasets recipes read (fashion-mnist), checksums pinned.")
+app.add_typer(data_app, name="data")
+DatasetArg = Annotated[str, typer.Argument(help="dataset: fashion-mnist", show_default=False)]
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: DatasetArg,
+    folder: Annotated[Path, typer.Argument(help="folder the files are written to", show_default=False)],
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="copy files downloaded by hand from this folder instead of apt")
+    ] = None,
+) -> None:
+    """Bring a dataset's files (apt-get download + dpkg -x, or --from a folder), check their sha256, write them."""
+    from fedmmkt_plugins.fetch import fetch, render
+
+    out.print(render(_guard(fetch, dataset, folder, from_, say=lambda line: err.print(line, highlight=False))))
+
+
+@data_app.command("verify")
+def data_verify(
+    dataset: DatasetArg, folder: Annotated[Path, typer.Argument(help="folder holding the files", show_default=False)]
+) -> None:
+    """Check a dataset's files in FOLDER against the pinned sha256 (exit 2 naming a file that differs)."""
+    from fedmmkt_plugins.fetch import render, verify
+
+    out.print(render(_guard(verify, dataset, folder), verb="verified"))
+
+
 def main() -> None:
     app()
 

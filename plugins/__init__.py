@@ -22,6 +22,7 @@ from .client_resnet import ResNetClient
 from .client_vit import ViTClient
 from .dataset_digits import DigitsDataset
 from .dataset_hf import HFDiskDataset
+from .dataset_idx import IDXDataset
 from .dataset_imagefolder import ImageFolderDataset
 from .dataset_typeset_digits import TypesetDigitsDataset
 from .flower import FlowerBackend
@@ -44,6 +45,7 @@ def register_datasets(register):
     register("imagefolder", ImageFolderDataset)
     register("hf-disk", HFDiskDataset)
     register("typeset-digits", TypesetDigitsDataset)
+    register("idx", IDXDataset)
 
 
 @hookimpl
