@@ -2,17 +2,19 @@
 #   make demo   - create the environment (idempotent) and run the main job
 #   make test   - create the environment (idempotent) and run the tests
 #   make bench  - every benchmark (hours on 2 cores), then the README's results section
+#   make data-fashion - Fashion-MNIST's IDX files into data/fashion-mnist (apt-get download, sha256 checked)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_RECIPE ?= examples/digits.yaml
+FASHION_DIR ?= data/fashion-mnist
 # the demo needs only these; the tests (and every other plugin) need the rest
 DEMO_EXTRAS := torch,hf,diffusion,plots
 ALL_EXTRAS := torch,hf,diffusion,datasets,minilm,plots,privacy,flower-simulation,tensorboard,mlflow,dev
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean data-fashion
 
 $(DEMO_STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,11 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12
 	$(BIN)/ruff check .
+
+# Fashion-MNIST's four IDX files (Debian's dataset-fashion-mnist, sha256 checked) for examples/fashion.yaml
+data-fashion: $(DEMO_STAMP)
+	$(BIN)/fedmmkt data verify fashion-mnist $(FASHION_DIR) 2>/dev/null || \
+		$(BIN)/fedmmkt data fetch fashion-mnist $(FASHION_DIR)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks all
