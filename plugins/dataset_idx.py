@@ -387,9 +387,12 @@ class IDXDataset(Dataset):
             offset += len(split_labels)
             if len(mine):
                 pixels = split.images.read()
-                images.append(fit_images(pixels[mine], cfg.image_size, cfg.resize, split.images.path))
+                if len(mine) < len(pixels):
+                    pixels = pixels[mine]
+                images.append(fit_images(pixels, cfg.image_size, cfg.resize, split.images.path))
                 del pixels
-        pixels = np.concatenate(images)[..., None]
+        pixels = np.concatenate(images)[..., None] if len(images) > 1 else images[0][..., None]
+        del images
         targets = pooled[keep]
         captions = [cfg.caption_template.format(name=names[y]) for y in targets]
         full = ImageSet(pixels, targets, captions)
