@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import string
 from typing import Literal
 
 import numpy as np
@@ -46,7 +47,31 @@ class SplitConfig(ComponentConfig):
             )
         if "{name}" not in self.caption_template:
             raise ValueError("caption_template must contain '{name}'")
+        check_caption_template(self.caption_template)
         return self
+
+
+def check_caption_template(template: str) -> None:
+    """Refuse a template other than text with ``{name}`` fields (``{0}``, ``{other}``, ``{name.x}``,
+    ``{name:>99999999}``, a lone brace): ValueError naming the problem."""
+    shown = template if len(template) <= 80 else template[:80] + "..."
+    try:
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as exc:
+        reason = str(exc)
+    else:
+        bad = [
+            "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            for field, spec, conversion in fields
+            if field is not None and (field, spec, conversion) != ("name", "", None)
+        ]
+        if not bad:
+            return
+        reason = f"{bad[0][:40]} is not {{name}}"
+    raise ValueError(
+        f"caption_template {shown!r} cannot be filled in ({reason}): use {{name}} for the class name and write a "
+        "literal brace as {{ or }}"
+    )
 
 
 def stratified_split(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:

@@ -6,8 +6,10 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from fedmmkt_core.data import DataSplits, ImageSet, TaskSpec
+from fedmmkt_core.errors import DataError
 from fedmmkt_core.interfaces import Dataset
 from fedmmkt_core.lazy import lazy_import
+from fedmmkt_core.paths import MAX_IMAGE_SIZE, check_allocation
 from fedmmkt_core.splits import SplitConfig, protocol_splits
 
 sklearn_datasets = lazy_import("sklearn.datasets", "Install it with: pip install scikit-learn")
@@ -16,7 +18,9 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 class DigitsConfig(SplitConfig):
-    image_size: int = Field(8, ge=8, description="side in pixels; a multiple of 8 (nearest-neighbour upscaling)")
+    image_size: int = Field(
+        8, ge=8, le=MAX_IMAGE_SIZE, description="side in pixels; a multiple of 8 (nearest-neighbour upscaling)"
+    )
     caption_template: str = Field("a photo of the digit {name}", description="caption from the class name")
 
     @model_validator(mode="after")
@@ -36,6 +40,8 @@ class DigitsDataset(Dataset):
         digits = sklearn_datasets.load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
         scale = self.config.image_size // 8
+        size = self.config.image_size
+        check_allocation(2 * len(images) * size * size, f"{len(images)} images of {size}x{size}", DataError)
         if scale > 1:
             images = images.repeat(scale, axis=1).repeat(scale, axis=2)
         labels = digits.target.astype(np.int64)

@@ -13,7 +13,7 @@ from fedmmkt_core.data import DataSplits, ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.interfaces import Dataset
 from fedmmkt_core.lazy import lazy_import
-from fedmmkt_core.paths import InputPath
+from fedmmkt_core.paths import MAX_IMAGE_SIZE, InputPath, check_allocation
 from fedmmkt_core.splits import SplitConfig, protocol_splits
 
 from .dataset_imagefolder import check_pixels
@@ -31,7 +31,7 @@ class HFDiskConfig(SplitConfig):
     image_column: str = Field("image", min_length=1, description="column of images (Image feature or arrays)")
     label_column: str = Field("label", min_length=1, description="column of labels (ClassLabel or plain values)")
     caption_column: str | None = Field(None, description="column of captions; default: caption_template")
-    image_size: int = Field(32, ge=4, description="images are resized to image_size x image_size")
+    image_size: int = Field(32, ge=4, le=MAX_IMAGE_SIZE, description="images are resized to image_size x image_size")
     channels: Literal[1, 3] = Field(3, description="1 = greyscale, 3 = RGB")
     max_samples: int | None = Field(None, ge=2, description="keep this many rows: the first rows of each class")
 
@@ -123,7 +123,9 @@ class HFDiskDataset(Dataset):
     def _images(self, raw: Any, feature: Any, rows: np.ndarray, where: str) -> np.ndarray:
         cfg = self.config
         decoder = hf_datasets.Image() if isinstance(feature, hf_datasets.Image) else None
-        out = np.empty((len(rows), cfg.image_size, cfg.image_size, cfg.channels), dtype=np.uint8)
+        shape = (len(rows), cfg.image_size, cfg.image_size, cfg.channels)
+        check_allocation(int(np.prod(shape)), f"{len(rows)} images of {cfg.image_size}x{cfg.image_size}", DataError)
+        out = np.empty(shape, dtype=np.uint8)
         for start in range(0, len(rows), BATCH_ROWS):
             batch = rows[start : start + BATCH_ROWS]
             values = raw[batch.tolist()].column(cfg.image_column).to_pylist()
