@@ -6,9 +6,12 @@ recipe's own structure, then each component's ``params`` against the ``Config`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import re
+import stat
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,14 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .errors import PluginError, RecipeError, RecipeIssue, UserError
 from .faults import FaultSpec
 from .interfaces import Component, ComponentConfig
+from .paths import read_regular
 from .plugins import Registry, suggest
 from .privacy import SoftLabelPrivacy
+from .strict_yaml import StrictDumper, StrictYAMLError, load_strict
 
 FORMAT_VERSION = 1
 MAX_RECIPE_BYTES = 1024 * 1024  # a recipe is configuration: 1 MiB is far beyond any real one
 MAX_RECIPE_NODES = 100_000  # YAML values after alias expansion (guards against "billion laughs")
 MAX_RECIPE_DEPTH = 64  # nesting of mappings and lists
 MAX_SEED = 2**32 - 1
+MAX_CLIENTS = 10_000  # clients in one recipe (all groups): each is built, sampled and checkpointed
 MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
@@ -53,7 +59,7 @@ class ComponentSpec(_Strict):
 class ClientGroup(ComponentSpec):
     """``count`` clients with the same client model."""
 
-    count: int = Field(1, ge=1, description="number of clients in this group")
+    count: int = Field(1, ge=1, le=MAX_CLIENTS, description="number of clients in this group")
     fault: FaultSpec | None = Field(None, description="make these clients misbehave (fault-injection testing)")
 
 
@@ -187,12 +193,14 @@ def load_recipe(
 ) -> Recipe:
     """Read, override and validate a recipe file; raise :class:`RecipeError` with every problem."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"recipe file not found: {path}")
-    size = path.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise RecipeError([RecipeIssue("", f"the file is {size} bytes; a recipe may be at most {_LIMIT}")], str(path))
-    raw = path.read_bytes()[: MAX_RECIPE_BYTES + 1]
+    with contextlib.suppress(OSError):
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size > MAX_RECIPE_BYTES:
+            issue = RecipeIssue("", f"the file is {info.st_size} bytes; a recipe may be at most {_LIMIT}")
+            raise RecipeError([issue], str(path))
+    raw = read_regular(path, "recipe file", MAX_RECIPE_BYTES)  # a FIFO, device, folder or link loop: refused
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -216,20 +224,15 @@ def parse_recipe(
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError([RecipeIssue("", f"the recipe is {len(text)} characters; the limit is {_LIMIT}")], source)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        _check_size(node)
-        data = yaml.safe_load(text)
+        data, node, used = load_strict(text, MAX_RECIPE_NODES, MAX_RECIPE_DEPTH)
         lines = _line_map(node)
+    except StrictYAMLError as exc:
+        raise RecipeError([RecipeIssue(".".join(exc.path), exc.message, exc.line)], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError([RecipeIssue("", f"invalid YAML: {problem}", line)], source) from None
-    except _TooLarge as exc:
-        raise RecipeError([RecipeIssue("", str(exc), exc.line)], source) from None
-    except RecursionError:
-        message = f"nested too deeply (at most {MAX_RECIPE_DEPTH} levels of mappings and lists)"
-        raise RecipeError([RecipeIssue("", message)], source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -239,8 +242,9 @@ def parse_recipe(
 
     issues: list[RecipeIssue] = []
     overridden: dict[tuple[str, ...], str] = {}
+    budget = MAX_RECIPE_NODES - used  # --set values share the recipe file's limits
     for item in overrides:
-        issue = _apply_override(data, item, overridden)
+        issue, budget = _apply_override(data, item, overridden, budget)
         if issue is not None:
             issues.append(issue)
 
@@ -268,6 +272,8 @@ def parse_recipe(
     recipe._registry = registry
     for path, kind, spec in recipe.components():
         issues += _validate_component(path, kind, spec, registry, Path(base_dir), located)
+    if not issues:
+        issues += [located(key, message) for key, message in _converted(data, recipe)]
     if not issues:
         issues += _cross_checks(recipe, registry, located)
     if issues:
@@ -341,6 +347,12 @@ def _cross_checks(recipe: Recipe, registry: Registry, located) -> list[RecipeIss
                 f"(use fedmmkt or feddf, or remove the privacy section)",
             )
         )
+    if recipe.num_clients > MAX_CLIENTS:
+        issues.append(
+            located(
+                ("clients",), f"the groups hold {recipe.num_clients} clients; a recipe may have at most {MAX_CLIENTS}"
+            )
+        )
     if recipe.federation.min_clients > recipe.num_clients:
         issues.append(
             located(
@@ -393,38 +405,6 @@ def _capability_checks(recipe: Recipe, registry: Registry, located) -> list[Reci
 _LIMIT = f"{MAX_RECIPE_BYTES // 1024} KiB"
 
 
-class _TooLarge(ValueError):
-    def __init__(self, message: str, line: int | None):
-        super().__init__(message)
-        self.line = line
-
-
-def _check_size(root: yaml.Node | None) -> None:
-    """Refuse a YAML tree deeper than MAX_RECIPE_DEPTH or larger than MAX_RECIPE_NODES once aliases are
-    expanded (sizes are memoised per node, so a billion laughs costs one pass over its few nodes)."""
-    sizes: dict[int, int] = {}
-
-    def size(node: yaml.Node, depth: int) -> int:
-        if depth > MAX_RECIPE_DEPTH:
-            message = f"nested too deeply (at most {MAX_RECIPE_DEPTH} levels of mappings and lists)"
-            raise _TooLarge(message, node.start_mark.line + 1)
-        if id(node) in sizes:
-            return sizes[id(node)]
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(item, depth + 1) for item in node.value)
-        if total > MAX_RECIPE_NODES:
-            message = f"too many values once aliases are expanded (more than {MAX_RECIPE_NODES})"
-            raise _TooLarge(message, node.start_mark.line + 1)
-        sizes[id(node)] = total
-        return total
-
-    if root is not None:
-        size(root, 0)
-
-
 def _non_finite(data: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], float]]:
     """Key paths of NaN and infinite numbers (YAML's .inf / .nan): no setting means them."""
     if isinstance(data, float) and not math.isfinite(data):
@@ -437,44 +417,91 @@ def _non_finite(data: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[A
             yield from _non_finite(value, path + (index,))
 
 
+def _converted(raw: Any, validated: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], str]]:
+    """Key paths where the schema turned a string or a boolean into a number (``"3"``, ``"inf"``, ``true``
+    read as 1): a recipe states numbers as numbers, so a quoted one is refused instead of converted."""
+    if isinstance(validated, bool) or validated is None:
+        return
+    if isinstance(validated, int | float) and isinstance(raw, str | bool):
+        shown = str(raw).lower() if isinstance(raw, bool) else repr(raw if len(raw) <= 40 else raw[:40] + "...")
+        if path == ("fedmmkt",):
+            yield path, f"the format version must be the number {FORMAT_VERSION}, got {shown}"
+        else:
+            what = "the boolean" if isinstance(raw, bool) else "the string"
+            hint = "" if isinstance(raw, bool) else " (write it without quotes)"
+            yield path, f"expected a number, got {what} {shown}{hint}"
+    elif isinstance(raw, dict) and isinstance(validated, BaseModel):
+        fields = type(validated).model_fields
+        for key, value in raw.items():
+            if key in fields:
+                yield from _converted(value, getattr(validated, key), path + (key,))
+            if key == "params" and isinstance(validated, ComponentSpec) and validated._config is not None:
+                yield from _converted(value, validated._config, path + (key,))
+    elif isinstance(raw, dict) and isinstance(validated, dict):
+        for key, value in raw.items():
+            if key in validated:
+                yield from _converted(value, validated[key], path + (key,))
+    elif isinstance(raw, list) and isinstance(validated, list | tuple) and len(raw) == len(validated):
+        for index, (value, checked) in enumerate(zip(raw, validated, strict=True)):
+            yield from _converted(value, checked, path + (index,))
+
+
 # --------------------------------------------------------------------------- overrides
 
 
-def _apply_override(data: dict, item: str, overridden: dict[tuple[str, ...], str]) -> RecipeIssue | None:
+def _apply_override(
+    data: dict, item: str, overridden: dict[tuple[str, ...], str], budget: int
+) -> tuple[RecipeIssue | None, int]:
+    """Set one ``KEY=VALUE`` in ``data``; the value is read by the recipe's strict YAML rules and counts
+    against ``budget`` (the values left under MAX_RECIPE_NODES). Returns (issue or None, budget left)."""
+    shown = _shown_set(item)
     if "=" not in item:
-        return RecipeIssue(item, "--set needs KEY=VALUE, e.g. --set federation.rounds=3")
+        return RecipeIssue(shown, "--set needs KEY=VALUE, e.g. --set federation.rounds=3"), budget
     key, raw = item.split("=", 1)
     keys = [k for k in key.strip().split(".")]
+    if len(key) > 1000 or len(keys) > MAX_RECIPE_DEPTH:
+        return RecipeIssue(_shown_set(key), f"--set {shown}: the key is too long"), budget
     if not key.strip() or any(not k for k in keys):
-        return RecipeIssue(key, f"--set {item}: empty key")
+        return RecipeIssue(key, f"--set {shown}: empty key"), budget
+    if len(raw) > MAX_RECIPE_BYTES:
+        return RecipeIssue(key, f"--set {shown}: the value is {len(raw)} characters; the limit is {_LIMIT}"), budget
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value, _node, used = load_strict(raw, budget, MAX_RECIPE_DEPTH) if raw.strip() else ("", None, 1)
+    except StrictYAMLError as exc:
+        where = ".".join((*keys, *exc.path))
+        return RecipeIssue(where, f"--set {shown}: {exc.message}"), budget
     except yaml.YAMLError:
-        value = raw
+        value, used = raw, 1
+    budget -= used
     node: Any = data
     for depth, part in enumerate(keys[:-1]):
         here = ".".join(keys[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                return RecipeIssue(here, f"--set {item}: no list item {part} (the list has {len(node)})")
+                return RecipeIssue(here, f"--set {shown}: no list item {part} (the list has {len(node)})"), budget
             node = node[int(part)]
         elif isinstance(node, dict):
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
         else:
-            return RecipeIssue(here, f"--set {item}: '{here}' is a value, not a section")
+            return RecipeIssue(here, f"--set {shown}: '{here}' is a value, not a section"), budget
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            return RecipeIssue(key, f"--set {item}: no list item {last} (the list has {len(node)})")
+            return RecipeIssue(key, f"--set {shown}: no list item {last} (the list has {len(node)})"), budget
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        return RecipeIssue(key, f"--set {item}: the parent of '{last}' is a value, not a section")
-    overridden[tuple(keys)] = item
-    return None
+        return RecipeIssue(key, f"--set {shown}: the parent of '{last}' is a value, not a section"), budget
+    overridden[tuple(keys)] = shown
+    return None, budget
+
+
+def _shown_set(item: str) -> str:
+    """A --set item as messages show it: at most 100 characters."""
+    return item if len(item) <= 100 else item[:100] + "..."
 
 
 def _get_path(data: Any, keys: Sequence[str]) -> Any:
@@ -635,4 +662,4 @@ def recipe_json_schema(registry: Registry) -> dict[str, Any]:
 
 
 def dump_yaml(data: Any) -> str:
-    return yaml.safe_dump(copy.deepcopy(data), sort_keys=False, allow_unicode=True)
+    return yaml.dump(copy.deepcopy(data), Dumper=StrictDumper, sort_keys=False, allow_unicode=True)
