@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError, UserError
@@ -74,8 +74,22 @@ class TinyPipelineConfig(ComponentConfig):
     text_layers: int = Field(1, ge=1)
     text_heads: int = Field(2, ge=1)
     max_prompt_tokens: int = Field(16, ge=4, description="prompt length in words, including begin/end tokens")
-    vae_channels: int = Field(32, ge=8, description="VAE width (one level: latents keep the image size)")
+    vae_channels: int | tuple[int, ...] = Field(
+        32,
+        description="VAE widths, one level per entry; each level after the first halves the latents' side "
+        "(a single width: one level, latents keep the image size; (32, 64, 64): 32x32 images, 8x8 latents)",
+    )
     latent_channels: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check_vae(self) -> TinyPipelineConfig:
+        if min(self.vae_widths) < 8:
+            raise ValueError(f"vae_channels must all be at least 8, got {self.vae_channels}")
+        return self
+
+    @property
+    def vae_widths(self) -> tuple[int, ...]:
+        return (self.vae_channels,) if isinstance(self.vae_channels, int) else tuple(self.vae_channels)
 
 
 class PretrainConfig(ComponentConfig):
@@ -279,8 +293,16 @@ class SDLoraGenerator(Generator):
                 "the tiny sd-lora generator is pre-trained on the dataset's public split, which is empty: "
                 "set data.dataset.params.public_fraction > 0 (or give generator.params.model)"
             )
-        captions = public.captions or [task.prompt(int(y)) for y in public.labels]
         cfg = self.config
+        tiny = cfg.tiny
+        multiple = 2 ** (len(tiny.vae_widths) - 1) * 2 ** (len(tiny.unet_channels) - 1)
+        if task.image_size % multiple or task.image_size % 8:
+            raise DataError(
+                f"the tiny sd-lora generator needs an image size divisible by 8 and by {multiple} "
+                f"(2^(VAE levels - 1) x 2^(UNet levels - 1)), got {task.image_size}: change "
+                "data.dataset.params.image_size or generator.params.tiny"
+            )
+        captions = public.captions or [task.prompt(int(y)) for y in public.labels]
         key = hashlib.sha256()
         key.update(
             json.dumps(
@@ -707,11 +729,11 @@ def build_tiny_pipeline(cfg: TinyPipelineConfig, channels: int, words: Sequence[
     vae = diffusers.AutoencoderKL(
         in_channels=channels,
         out_channels=channels,
-        block_out_channels=(cfg.vae_channels,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=cfg.vae_widths,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_widths),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_widths),
         latent_channels=cfg.latent_channels,
-        norm_num_groups=min(8, cfg.vae_channels),
+        norm_num_groups=min(8, *cfg.vae_widths),
         sample_size=8,
     )
     scheduler = diffusers.DDIMScheduler(

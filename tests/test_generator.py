@@ -384,3 +384,27 @@ def test_a_saved_pipeline_folder_says_which_latents_it_was_pre_trained_on(tmp_pa
     (external / PRETRAIN_MARKER).write_text('{"latents": "noise"}')
     with pytest.raises(DataError, match=PRETRAIN_MARKER):
         pretraining_latents(external)
+
+
+def test_a_multi_level_vae_gives_smaller_latents_and_images_at_the_task_size():
+    """vae_channels with three widths: 32x32 images denoised as 8x8 latents (the 28x28 recipes' sizing)."""
+    import dataclasses
+
+    from fedmmkt_core.data import ImageSet
+
+    small, task = tiny_generator_task(count=60)
+    big = ImageSet(small.images.repeat(4, axis=1).repeat(4, axis=2), small.labels, small.captions)
+    task = dataclasses.replace(task, image_size=32)
+    generator = make(tiny={"vae_channels": [8, 16, 16]}, pretrain={"vae_steps": 2, "steps": 2})
+    generator.build(task, seed=0, cache_dir=cache(), public=big)
+    assert generator.pipe.vae_scale_factor == 4
+    latents = generator.pipe.vae.encode(generator._pixels(big.images[:2])).latent_dist.mean
+    assert tuple(latents.shape) == (2, 4, 8, 8)
+    images = generator.generate([task.prompt(0), task.prompt(1)], [0, 1])
+    assert images.shape == (2, 32, 32, 1) and images.dtype == np.uint8
+    with pytest.raises(DataError, match="divisible by 8 and by 16"):
+        make(tiny={"vae_channels": [8, 16, 16, 16]}).build(
+            dataclasses.replace(task, image_size=24), seed=0, cache_dir=cache(), public=big
+        )
+    with pytest.raises(ValueError, match="at least 8"):
+        TinyPipelineConfig(vae_channels=(8, 4))
