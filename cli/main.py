@@ -45,19 +45,21 @@ _python_showwarning = warnings.showwarning
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """fedmmkt's own warnings (a broken plugin package) as one ``warning:`` line, no source location."""
-    if category.__name__ == "PluginLoadWarning":
+    if category.__name__ in ("PluginLoadWarning", "CacheWarning"):  # a broken plugin; a cache entry rebuilt
         err.print(f"[bold yellow]warning:[/bold yellow] {_escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         _python_showwarning(message, category, *args, **kwargs)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)
+    """Print ``error: MESSAGE`` (user text in it is escaped, never read as rich markup) and exit."""
+    err.print(f"[bold red]error:[/bold red] {_escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def _guard(func, *args: Any, **kwargs: Any) -> Any:
-    """Run ``func``; user errors become a message and exit 2, run failures exit 1."""
+def _guard(func, *args: Any, doing: str = "", **kwargs: Any) -> Any:
+    """Run ``func``; user errors and OS errors (naming the path and ``doing``, the operation) become one
+    line and exit 2, run failures exit 1."""
     from fedmmkt_core.errors import UserError
     from fedmmkt_core.runner import RunFailed
 
@@ -68,13 +70,25 @@ def _guard(func, *args: Any, **kwargs: Any) -> Any:
     except UserError as exc:
         if _state["debug"]:
             raise
-        _fail(_escape(str(exc)), 2)
+        _fail(str(exc), 2)
     except RunFailed as exc:
         if _state["debug"]:
             raise
-        _fail(_escape(f"run failed: {exc}"), 1)
+        _fail(f"run failed: {exc}", 1)
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        _fail(_os_error(exc, doing), 2)
     except KeyboardInterrupt:
         _fail("interrupted; continue with --resume", 130)
+
+
+def _os_error(exc: OSError, doing: str) -> str:
+    """``DOING failed: STRERROR: PATH`` for an OSError (disk full, read-only, not a directory, ...)."""
+    reason = exc.strerror or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = f": {' -> '.join(paths)}" if paths else ""
+    return f"{doing + ' failed: ' if doing else ''}{reason}{where}"
 
 
 def _escape(text: str) -> str:
@@ -93,7 +107,10 @@ def _load(recipe: Path, overrides: list[str] | None):
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe: exit 0 when valid, 2 with every error otherwise."""
     loaded = _guard(_load, recipe, set_)
-    out.print(f"[green]ok[/green]: {recipe} is valid ({loaded.num_clients} clients, {loaded.federation.rounds} rounds)")
+    out.print(
+        f"[green]ok[/green]: {_escape(str(recipe))} is valid ({loaded.num_clients} clients, "
+        f"{loaded.federation.rounds} rounds)"
+    )
 
 
 @app.command()
@@ -125,10 +142,13 @@ def run(
     assert recipe is not None
     loaded = _guard(_load, recipe, set_)
     target = out_dir or default_run_dir(loaded)
+    _check_cache_folder()
+    if resume is None:
+        _guard(_check_output_folder, target, "run directory --out" if out_dir is not None else "run directory")
     with _Progress() as progress:
         runner = Runner(loaded, target, resume=resume is not None, events=progress.event)
-        summary = _guard(runner.run)
-    table = Table(title=f"summary ({target})", show_header=False)
+        summary = _guard(runner.run, doing=f"the run into {target}")
+    table = Table(title=_escape(f"summary ({target})"), show_header=False)
     for key, value in summary.items():
         table.add_row(key, _fmt(value))
     out.print(table)
@@ -147,10 +167,11 @@ def partition(
     from fedmmkt_core.clientdata import write_partition
 
     loaded = _guard(_load, recipe, set_)
-    folders = _guard(write_partition, loaded, out_dir)
+    _guard(_check_output_folder, out_dir, "partition folder")
+    folders = _guard(write_partition, loaded, out_dir, doing=f"writing the partition into {out_dir}")
     for folder in folders:
-        out.print(f"{folder}")
-    out.print(f"[green]ok[/green]: {len(folders)} client folders in {out_dir}")
+        out.print(_escape(str(folder)))
+    out.print(f"[green]ok[/green]: {len(folders)} client folders in {_escape(str(out_dir))}")
 
 
 @app.command()
@@ -199,12 +220,12 @@ def report(
     """Print a run's summary and per-round table; write its curves."""
     from fedmmkt_core.reporting import load_run, plot_curves
 
-    summary, rows = _guard(load_run, run_dir)
-    table = Table(title=f"summary ({run_dir})", show_header=False)
+    summary, rows = _guard(load_run, run_dir, doing=f"reading the run {run_dir}")
+    table = Table(title=_escape(f"summary ({run_dir})"), show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")
     for key, value in summary.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(_escape(key), _fmt(value))
     out.print(table)
     columns = [c for c in _ROUND_COLUMNS if any(c in r for r in rows)]
     rounds = Table(title="rounds")
@@ -214,9 +235,18 @@ def report(
         rounds.add_row(*(_fmt(row.get(c, "")) for c in columns))
     out.print(rounds)
     if plot and rows:
-        written = _guard(plot_curves, {str(run_dir): rows}, run_dir / "curves.png")
-        if written:
-            out.print(f"curves: {written}")
+        from fedmmkt_core.errors import UserError
+
+        try:  # the report is printed: a run directory that cannot be written only loses its curves
+            written = plot_curves({str(run_dir): rows}, run_dir / "curves.png")
+        except (UserError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, UserError) else _os_error(exc, "writing the curves")
+            err.print(
+                f"[yellow]warning:[/yellow] curves not written: {_escape(reason)}", highlight=False, soft_wrap=True
+            )
+        else:
+            if written:
+                out.print(f"curves: {_escape(str(written))}")
 
 
 @app.command()
@@ -227,22 +257,23 @@ def compare(
     ),
 ) -> None:
     """Side-by-side summary of several runs, and a comparison plot."""
-    from fedmmkt_core.reporting import load_run, plot_curves
+    from fedmmkt_core.reporting import check_plot_path, load_run, plot_curves
 
-    loaded = {str(d): _guard(load_run, d) for d in run_dirs}
+    _guard(check_plot_path, plot_path)
+    loaded = {str(d): _guard(load_run, d, doing=f"reading the run {d}") for d in run_dirs}
     keys: list[str] = []
     for summary, _rows in loaded.values():
         keys += [k for k in summary if k not in keys]
     table = Table(title="comparison")
     table.add_column("metric")
     for name in loaded:
-        table.add_column(name, justify="right")
+        table.add_column(_escape(name), justify="right")
     for key in keys:
-        table.add_row(key, *(_fmt(summary.get(key, "")) for summary, _ in loaded.values()))
+        table.add_row(_escape(key), *(_fmt(summary.get(key, "")) for summary, _ in loaded.values()))
     out.print(table)
-    written = _guard(plot_curves, {name: rows for name, (_, rows) in loaded.items()}, plot_path)
+    written = _guard(plot_curves, {name: rows for name, (_, rows) in loaded.items()}, plot_path, doing="the plot")
     if written:
-        out.print(f"plot: {written}")
+        out.print(f"plot: {_escape(str(written))}")
 
 
 _ROUND_COLUMNS = (
@@ -257,9 +288,29 @@ _ROUND_COLUMNS = (
 
 
 def _fmt(value: Any) -> str:
+    """A value as a table cell: floats to 4 digits, user text escaped (never read as rich markup)."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    text = str(value)
+    return _escape(text if len(text) <= 1000 else text[:1000] + "...")
+
+
+def _check_cache_folder() -> None:
+    """Refuse $FEDMMKT_CACHE (or the default cache folder) when it cannot be a writable folder, before a
+    run spends minutes pre-training a generator it could not cache."""
+    import os
+
+    from fedmmkt_core.runner import cache_dir
+
+    folder = cache_dir()
+    what = "the cache folder (FEDMMKT_CACHE)" if os.environ.get("FEDMMKT_CACHE") else "the cache folder"
+    _guard(_check_output_folder, folder, what)
+
+
+def _check_output_folder(path: Path, what: str) -> None:
+    from fedmmkt_core.paths import check_output_folder
+
+    check_output_folder(path, what, probe=True)
 
 
 class _Progress:
@@ -317,10 +368,14 @@ federation_app = typer.Typer(
 app.add_typer(federation_app, name="federation")
 
 
+MAX_NODES = 1000  # SuperNode processes on one machine
+
+
 @federation_app.command("up")
 def federation_up(
     nodes: Annotated[
-        int | None, typer.Option("--nodes", "-n", help="SuperNodes to start (default: the recipe's clients)")
+        int | None,
+        typer.Option("--nodes", "-n", help="SuperNodes to start (default: the recipe's clients)"),
     ] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="size the federation for this recipe")] = None,
     port: Annotated[int, typer.Option("--port", help="SuperLink HTTP port on 127.0.0.1 (0: any free)")] = 8000,
@@ -343,6 +398,8 @@ def federation_up(
 
     from fedmmkt_plugins.flower import LocalFederation
 
+    if nodes is not None and not 1 <= nodes <= MAX_NODES:
+        _fail(f"--nodes {nodes}: a local federation runs 1 to {MAX_NODES} SuperNodes")
     if nodes is None:
         if recipe is None and data is None:
             _fail("give --nodes N, --recipe R or --data DATA")
@@ -351,15 +408,21 @@ def federation_up(
         else:
             assert data is not None
             nodes = len([p for p in data.glob("client_*") if p.is_dir()])
+            if nodes == 0:
+                _fail(f"{data} holds no client_K folders: write them with `fedmmkt partition RECIPE {data}`")
+        if nodes > MAX_NODES:
+            _fail(f"the federation would need {nodes} SuperNodes; a local federation runs at most {MAX_NODES}")
+    if workdir is not None:
+        _guard(_check_output_folder, workdir, "--workdir")
     folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
-    federation = _guard(LocalFederation, nodes, folder, port=port or None, data=data)
+    federation = _guard(LocalFederation, nodes, folder, port=port or None, data=data, doing="starting the federation")
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the federation as Ctrl-C does
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
-    _guard(federation.start)
+    _guard(federation.start, doing=f"starting the federation in {folder}")
     try:
         for name, proc in federation.processes.items():
             out.print(f"{name}: pid {proc.pid} (log {folder / (name + '.log')})")

@@ -136,6 +136,8 @@ def write_partition(recipe: Recipe, out: Path) -> list[Path]:
     from .client import ClientFactory
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"partition folder {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: give a new folder")
     factory = ClientFactory(recipe)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
@@ -155,3 +156,42 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def check_output_folder(
+    path: str | Path, what: str = "output folder", error: type[Exception] = UserError, probe: bool = False
+) -> None:
+    """Refuse, before any work, a folder that cannot be written: ``path`` exists and is not a folder, a
+    part of it is a file, or the folder (or the nearest existing one above it) is not writable. Raises
+    ``error`` naming ``what``, the path and the problem. ``probe``: also create and remove a temporary
+    file there (permission bits do not tell a read-only mount or /proc from a writable folder for root)."""
+    path = Path(path)
+    probe_at = path
+    try:
+        while True:
+            try:
+                mode = os.stat(probe_at).st_mode
+                break
+            except FileNotFoundError:
+                if probe_at.parent == probe_at:
+                    raise
+                probe_at = probe_at.parent
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise error(f"{what} {path} cannot be created: a part of the path is a file, not a folder") from None
+        if exc.errno == errno.ELOOP:
+            raise error(f"{what} {path} cannot be created: {probe_at} is a symbolic link loop") from None
+        raise error(f"{what} {path}: cannot check it: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        if probe_at == path:
+            raise error(f"{what} {path} is {file_kind(mode)}, not a folder")
+        raise error(f"{what} {path} cannot be created: {probe_at} is {file_kind(mode)}, not a folder")
+    where = "" if probe_at == path else f" ({probe_at}, where it would be created)"
+    if not os.access(probe_at, os.W_OK | os.X_OK):
+        raise error(f"{what} {path} is not writable{where}")
+    if probe:
+        try:
+            with tempfile.TemporaryFile(dir=probe_at):
+                pass
+        except OSError as exc:
+            raise error(f"{what} {path} is not writable{where}: {exc.strerror or exc}") from None
