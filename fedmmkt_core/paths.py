@@ -138,9 +138,16 @@ def check_allocation(nbytes: int, what: str, error: type[Exception] = UserError)
     available = available_memory()
     if available is not None and nbytes > available:
         raise error(
-            f"{what} would need {nbytes / 2**30:.1f} GiB of memory, more than the {available / 2**30:.1f} GiB "
-            "available: use a smaller image_size or fewer images"
+            f"{what} would need {_human(nbytes)} of memory, more than the {_human(available)} available: use a "
+            "smaller image_size or fewer images"
         )
+
+
+def _human(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def available_memory() -> int | None:

@@ -45,9 +45,12 @@ class StrictLoader(yaml.SafeLoader):
     yaml_implicit_resolvers: dict = {}
     max_depth = 64
 
+    max_nodes = 100_000
+
     def __init__(self, stream: str):
         super().__init__(stream)
         self._depth = 0
+        self._nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         tag = None
@@ -56,6 +59,9 @@ class StrictLoader(yaml.SafeLoader):
             tag = event.tag
             if self._depth >= self.max_depth:
                 raise StrictYAMLError(_too_deep(self.max_depth), event.start_mark.line + 1)
+            self._nodes += 1
+            if self._nodes > self.max_nodes:  # stop composing early: aliases are counted by check_tree
+                raise StrictYAMLError(_too_many(self.max_nodes), event.start_mark.line + 1)
         self._depth += 1
         try:
             node = super().compose_node(parent, index)
@@ -105,6 +111,10 @@ for _first, _resolvers in StrictLoader.yaml_implicit_resolvers.items():
     StrictDumper.yaml_implicit_resolvers[_first] = _resolvers + StrictDumper.yaml_implicit_resolvers[_first]
 
 
+def _too_many(max_nodes: int) -> str:
+    return f"too many values once aliases are expanded (more than {max_nodes})"
+
+
 def _too_deep(max_depth: int) -> str:
     return f"nested too deeply (at most {max_depth} levels of mappings and lists)"
 
@@ -112,8 +122,10 @@ def _too_deep(max_depth: int) -> str:
 def load_strict(text: str, max_nodes: int, max_depth: int = 64) -> tuple[Any, yaml.Node | None, int]:
     """(data, root node, number of values once aliases are expanded) of one YAML document; raises
     :class:`StrictYAMLError` for what the strict rules refuse and ``yaml.YAMLError`` for bad syntax."""
+    _check_brackets(text, max_depth)
     loader = StrictLoader(text)
     loader.max_depth = max_depth
+    loader.max_nodes = max_nodes
     try:
         root = loader.get_single_node()
         size = check_tree(root, max_nodes, max_depth)
@@ -121,6 +133,37 @@ def load_strict(text: str, max_nodes: int, max_depth: int = 64) -> tuple[Any, ya
     finally:
         loader.dispose()
     return data, root, size
+
+
+def _check_brackets(text: str, max_depth: int) -> None:
+    """Refuse flow collections nested deeper than ``max_depth`` before PyYAML's scanner sees them (it looks
+    1024 characters ahead at every level of ``[[[[...``, which costs a second). Quoted scalars and comments
+    are skipped; a bracket inside a plain scalar counts, which only matters past ``max_depth`` of them."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    depth, line, quote, index, size = 0, 1, "", 0, len(text)
+    while index < size:
+        char = text[index]
+        if char == "\n":
+            line += 1
+        elif quote:
+            if char == "\\" and quote == '"':
+                index += 1
+            elif char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or text[index - 1] in " \t\n"):
+            end = text.find("\n", index)
+            index = size if end < 0 else end
+            continue
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise StrictYAMLError(_too_deep(max_depth), line)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+        index += 1
 
 
 def check_tree(root: yaml.Node | None, max_nodes: int, max_depth: int = 64) -> int:
@@ -171,7 +214,7 @@ def check_tree(root: yaml.Node | None, max_nodes: int, max_depth: int = 64) -> i
                 if total > max_nodes:
                     break
         if total > max_nodes:
-            raise StrictYAMLError(f"too many values once aliases are expanded (more than {max_nodes})", line, path)
+            raise StrictYAMLError(_too_many(max_nodes), line, path)
         sizes[id(node)] = total
         return total
 

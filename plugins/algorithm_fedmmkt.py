@@ -18,6 +18,7 @@ from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
 from fedmmkt_core.outputs import check_metrics, check_soft_labels
+from fedmmkt_core.paths import check_allocation
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.runner import cache_dir
 from fedmmkt_core.seeding import derive_seed
@@ -189,7 +190,10 @@ class FedMMKT(Algorithm):
         with ctx.phase("synthesize"):
             seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
             from_base = self.base_mask(class_ids)
-            images = np.zeros((len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels), np.uint8)
+            shape = (len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels)
+            what = f"{len(prompts)} synthetic images ({cfg.samples_per_class} per class) of {shape[1]}x{shape[2]}"
+            check_allocation(int(np.prod(shape)), what)  # samples_per_class x image_size: refused, not MemoryError
+            images = np.zeros(shape, np.uint8)
             for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
                 chosen = np.flatnonzero(mask)
                 if len(chosen):

@@ -468,3 +468,28 @@ def test_hostile_case(name, tmp_path, monkeypatch):
 
 def test_the_corpus_is_large():
     assert len(CASES) >= 70
+
+
+def test_memory_is_estimated_before_the_images_are_allocated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fedmmkt_core.paths.available_memory", lambda: 100)
+    args = ["run", images(tmp_path), "--out", "out"]
+    before = tree_hash(tmp_path)
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(
+        "error: 6 images of 8x8 would need 384 bytes of memory, more than the 100 bytes available"
+    ), result.output
+    assert tree_hash(tmp_path) == before
+
+
+@pytest.mark.parametrize("value", ["1e3", "yes", "on", "010", "1:30", "2024-01-02", "null", "", "~", ".inf", "0x1f"])
+def test_strings_dumped_for_a_resume_read_back_as_strings(value):
+    import yaml
+
+    from fedmmkt_core.recipe import dump_yaml
+    from fedmmkt_core.strict_yaml import load_strict
+
+    text = dump_yaml({"name": value, "n": 3, "x": 1e-3, "b": True})
+    assert load_strict(text, 100)[0] == {"name": value, "n": 3, "x": 1e-3, "b": True}
+    assert yaml.safe_load(text) == {"name": value, "n": 3, "x": 1e-3, "b": True}
