@@ -2,13 +2,18 @@
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves a torn
 file behind: a reader sees the old content or the new, never half. A run holds the directory's lock
-(:class:`RunLock`) while it writes; ``run.json`` records the resolved recipe's sha256 and
-``checkpoints/state.json`` the sha256 of every checkpoint file, checked before a resume changes
-anything.
+(:class:`RunLock`) while it writes; ``run.json`` records the resolved recipe's sha256 and the sha256
+of ``checkpoints/state.json`` (see :class:`RunRecord`), and ``state.json`` the sha256 of every
+checkpoint file, all checked before a resume changes anything.
+
+A new run goes only into a missing folder, an empty one or one fedmmkt wrote
+(:func:`refuse_foreign_folder`); a run that fails before its first round removes only the paths
+that appeared after it started (:func:`snapshot`, :func:`remove_new_paths`), never a user's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -16,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -27,8 +33,13 @@ import numpy as np
 from .errors import UserError
 from .faults import crash_point
 
-RUN_FILE = "run.json"  # the resolved recipe's sha256, written when the run directory is created
+RUN_FILE = "run.json"  # the resolved recipe's sha256 and state.json's (RunRecord)
 LOCK_FILE = "run.lock"  # who holds the run directory's lock (pid, host, start time)
+STATE_FILE = "state.json"  # in checkpoints/: rounds completed, the algorithm's state, checkpoint hashes
+# What marks a folder as one fedmmkt wrote: run.json with the recipe's hash, a run.lock naming a
+# process, or the Flower launcher's flower_run.json (written before the ServerApp's runner starts).
+_RUN_MARKERS = {RUN_FILE: "recipe_sha256", "flower_run.json": "run_key", LOCK_FILE: "pid"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _CLIENT_FILE = re.compile(r"client_(\d+)\.r(\d+)\.safetensors")
 
 
@@ -54,6 +65,10 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_json_file(path: Path, what: str) -> Any:
@@ -169,6 +184,133 @@ class RunDirectory:
                     if client not in newest or written > newest[client][0]:
                         newest[client] = (written, path)
         return {f"clients/{path.name}": path for _, path in newest.values()}
+
+
+class RunRecord:
+    """``run.json``: the resolved recipe's sha256 (written when the run starts) and the sha256 of
+    ``checkpoints/state.json``, so a resume refuses a state file edited or deleted after it was written.
+
+    Writing a checkpoint state is three atomic steps: :meth:`pending` records the new state's hash
+    beside the committed one, the state file is renamed into place, :meth:`commit` makes the new hash
+    the only one. A SIGKILL anywhere leaves a state file whose hash the record holds (the old state,
+    or the new one), or no state file while no state was ever committed (``state_sha256`` null)."""
+
+    def __init__(self, root: Path, recipe_sha256: str, state_sha256: str | None = None):
+        self.path = Path(root) / RUN_FILE
+        self.recipe_sha256 = recipe_sha256
+        self.state_sha256 = state_sha256  # the state file on disk (None: none was ever committed)
+
+    def write(self, pending: str | None = None) -> None:
+        data: dict[str, Any] = {"recipe_sha256": self.recipe_sha256, "state_sha256": self.state_sha256}
+        if pending is not None:
+            data["pending_state_sha256"] = pending
+        atomic_write_json(self.path, data)
+
+    def pending(self, digest: str) -> None:
+        self.write(pending=digest)
+
+    def commit(self, digest: str) -> None:
+        self.state_sha256 = digest
+        self.write()
+
+    @classmethod
+    def verify(cls, root: Path, state_path: Path) -> RunRecord:
+        """Read ``run.json`` and check ``state_path`` against it; a mismatch is a UserError naming the
+        file. Reads only."""
+        path = Path(root) / RUN_FILE
+        data = read_json_file(path, "cannot resume: run record")
+        where = f"cannot resume {root}: {path}"
+        recorded = data.get("recipe_sha256") if isinstance(data, dict) else None
+        if not isinstance(recorded, str):
+            raise UserError(f"{where} holds no recipe_sha256")
+        assert isinstance(data, dict)
+        if "state_sha256" not in data:
+            raise UserError(
+                f"{where} records no hash of {state_path.name} (the run was started by an older fedmmkt): "
+                "start a new run"
+            )
+        hashes = [data["state_sha256"], data.get("pending_state_sha256")]
+        if not all(h is None or (isinstance(h, str) and _SHA256.fullmatch(h)) for h in hashes):
+            raise UserError(f"{where}: state_sha256 / pending_state_sha256 must be sha256 hex digests or null")
+        committed, pending = hashes
+        if not state_path.exists():
+            if committed is not None:
+                raise UserError(
+                    f"cannot resume {root}: {state_path} is missing, but {path} records that it was written "
+                    "(the run has completed rounds); restore it or start a new run"
+                )
+            return cls(root, recorded, None)
+        try:
+            digest = sha256_file(state_path)
+        except OSError as exc:
+            raise UserError(f"cannot resume {root}: cannot read {state_path}: {exc.strerror or exc}") from None
+        if digest not in {committed, pending} - {None}:
+            raise UserError(
+                f"cannot resume {root}: {state_path} was changed after it was written (its sha256 differs "
+                f"from the one recorded in {path}); restore it or start a new run"
+            )
+        return cls(root, recorded, digest)
+
+
+def refuse_foreign_folder(root: Path) -> None:
+    """Refuse (UserError, nothing touched) a new run into an existing folder that is not empty and holds
+    no mark of fedmmkt: a run that fails must never be in a position to remove someone else's files."""
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            return  # missing (created by the run) or not a folder (refused by the runner)
+        names = sorted(entry.name for entry in os.scandir(root))
+    except OSError as exc:
+        raise UserError(f"cannot read the run directory {root}: {exc.strerror or exc}") from None
+    if not names or any(_is_marker(root / name, key) for name, key in _RUN_MARKERS.items() if name in names):
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise UserError(
+        f"{root} is not empty and is not a fedmmkt run directory (it holds {shown}); give --out a new or "
+        "empty folder, nothing was changed"
+    )
+
+
+def _is_marker(path: Path, key: str) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 16:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and key in data
+
+
+def snapshot(root: Path) -> set[str]:
+    """Every path under ``root`` (relative, links not followed): what a run found when it started."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        base = Path(folder).relative_to(root)
+        found.update(str(base / name) for name in [*dirs, *files])
+    return found
+
+
+def remove_new_paths(root: Path, before: set[str]) -> None:
+    """Remove what appeared under ``root`` since :func:`snapshot` returned ``before``: a path that was
+    there is kept (a folder that was there is entered), so nothing the run found is ever removed."""
+
+    def sweep(folder: Path, relative: Path) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            name = str(relative / entry.name)
+            if name in before:
+                if entry.is_dir(follow_symlinks=False):
+                    sweep(Path(entry.path), relative / entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    sweep(Path(root), Path("."))
 
 
 class RunLock:

@@ -24,14 +24,20 @@ from .recipe import Recipe, dump_yaml
 from .rundir import (
     LOCK_FILE,
     RUN_FILE,
+    STATE_FILE,
     RunDirectory,
     RunLock,
+    RunRecord,
     atomic_write_json,
     atomic_write_text,
     load_safetensors,
     read_json_file,
+    refuse_foreign_folder,
+    remove_new_paths,
     save_safetensors,
     sha256_file,
+    snapshot,
+    to_jsonable,
 )
 from .seeding import seed_everything
 
@@ -57,6 +63,17 @@ class RunFailed(Exception):
 
 def sha256(data: bytes) -> str:
     return _sha256(data).hexdigest()
+
+
+class _LogBuffer(logging.Handler):
+    """Holds log records in memory until a resume is committed (see ``Runner._commit``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -85,35 +102,36 @@ class Runner:
     def _prepare_directory(self) -> int:
         """Create the run directory's files, or (resume) verify it; return the rounds already completed.
 
-        A resume verifies everything before it changes anything: the stored recipe against the hash
-        recorded when the run started and against this recipe, state.json, every checkpoint file
-        against the hash recorded when it was written, metrics.jsonl against the checkpoint."""
+        A resume verifies everything and writes nothing: the stored recipe against the hash recorded
+        when the run started and against this recipe, state.json against the hash in run.json, every
+        checkpoint file against the hash recorded when it was written, metrics.jsonl against the
+        checkpoint. What a resume changes (a stale metrics row, the log) waits for :meth:`_commit`."""
         resolved = dump_yaml(self.recipe.resolved())
-        state_path = self.run_dir.checkpoint_dir / "state.json"
+        state_path = self.run_dir.checkpoint_dir / STATE_FILE
         if self.resume:
             completed, rows = self._verify_resume(resolved)
             kept = [row for row in rows if row["round"] <= completed]
             if len(kept) != len(rows):  # a round that finished writing metrics but not its checkpoint
-                self.run_dir.write_metrics(kept)
+                self._rows_to_keep = kept
             return completed
         if self.run_dir.metrics_path.exists() or state_path.exists() or self.run_dir.recipe_path.exists():
             raise UserError(
                 f"{self.run_dir.root} already holds a run; pass --resume to continue it or --out for a new directory"
             )
-        atomic_write_json(self.run_dir.root / RUN_FILE, {"recipe_sha256": sha256(resolved.encode("utf-8"))})
+        self.record = RunRecord(self.run_dir.root, sha256(resolved.encode("utf-8")))
+        self.record.write()
         atomic_write_text(self.run_dir.recipe_path, resolved)
         return 0
 
     def _verify_resume(self, resolved: str) -> tuple[int, list[dict[str, Any]]]:
-        """Check a run directory before resuming it; return (rounds completed, metrics rows)."""
+        """Check a run directory before resuming it; return (rounds completed, metrics rows). Reads only."""
         root = self.run_dir.root
         recipe_path = self.run_dir.recipe_path
         if not recipe_path.is_file():
             raise UserError(f"cannot resume: {root} is not a run directory (no recipe.resolved.yaml)")
-        manifest = read_json_file(root / RUN_FILE, "cannot resume: run record")
-        recorded = manifest.get("recipe_sha256") if isinstance(manifest, dict) else None
-        if not isinstance(recorded, str):
-            raise UserError(f"cannot resume: {root / RUN_FILE} holds no recipe_sha256")
+        state_path = self.run_dir.checkpoint_dir / STATE_FILE
+        self.record = RunRecord.verify(root, state_path)
+        recorded = self.record.recipe_sha256
         if sha256(recipe_path.read_bytes()) != recorded:
             raise UserError(
                 f"cannot resume {root}: {recipe_path} was changed after the run started (its sha256 differs "
@@ -124,9 +142,8 @@ class Runner:
                 f"cannot resume {root}: the recipe differs from the one it was started with "
                 f"({recipe_path}); resume with the same recipe and --set options"
             )
-        state_path = self.run_dir.checkpoint_dir / "state.json"
         completed = 0
-        if state_path.exists():
+        if self.record.state_sha256 is not None:  # its hash was checked: the state this run wrote
             state = read_json_file(state_path, "cannot resume: checkpoint state")
             completed = self._check_state(state, state_path, recorded)
         rows = self.run_dir.read_metrics()
@@ -168,6 +185,9 @@ class Runner:
                     f"cannot resume {self.run_dir.root}: checkpoint {path} is damaged (its sha256 differs "
                     "from the one recorded when it was written)"
                 )
+        for name in (f"algorithm.r{completed}.safetensors", f"generator.r{completed}.safetensors"):
+            if (directory / name).exists() and name not in files:
+                raise UserError(f"{where}: checkpoint {directory / name} is not recorded in its files")
         loaded = set(self.run_dir.client_checkpoints(completed))
         recorded_clients = {name for name in files if name.startswith("clients/")}
         if loaded != recorded_clients:
@@ -181,6 +201,8 @@ class Runner:
     def run(self) -> dict[str, Any]:
         backend = self.backend if self.backend is not None else self.recipe.build("backend", self.recipe.backend)
         assert isinstance(backend, Backend)
+        if not self.resume:  # before a launcher writes into it
+            refuse_foreign_folder(self.run_dir.root)
         summary = backend.launch(self)  # a backend that hosts the round loop elsewhere (Flower deployment)
         if summary is not None:
             return summary
@@ -196,7 +218,11 @@ class Runner:
                 raise UserError(f"cannot create the run directory {root}: {exc.strerror or exc}") from None
         elif not root.is_dir():
             raise UserError(f"the run directory {root} exists and is not a folder")
+        elif not self.resume:
+            refuse_foreign_folder(root)  # again: the folder may have changed since
+        found = snapshot(root) if existed and not self.resume else set()
         lock = RunLock.acquire(root)
+        self._rows_to_keep: list[dict[str, Any]] | None = None
         try:
             completed = self._prepare_directory()
         except BaseException:
@@ -204,9 +230,11 @@ class Runner:
             if not existed:
                 shutil.rmtree(root, ignore_errors=True)
             raise
-        handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+        # A resume logs to memory until it is committed (after the checkpoint is loaded): one refused
+        # on the way (data, generator, checkpoint contents) leaves log.txt as it was.
+        self._committed = not self.resume
+        self._log_handler: logging.Handler = _LogBuffer() if self.resume else self._log_file()
+        log.addHandler(self._log_handler)
         log.setLevel(logging.INFO)
         if lock.stale is not None:
             log.warning(
@@ -227,22 +255,41 @@ class Runner:
             discard = not self.resume and not self.run_dir.read_metrics()
             raise
         finally:
-            log.removeHandler(handler)
-            handler.close()
-            lock.release()
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            lock.release(restore=not self._committed)
             if discard:
-                self._discard(existed)
+                self._discard(existed, found)
 
-    def _discard(self, existed: bool) -> None:
-        """Remove what this run wrote (the whole directory when this run created it)."""
+    def _log_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        return handler
+
+    def _commit(self) -> None:
+        """A resume has passed every check and loaded its checkpoint: from here on it writes (the stale
+        metrics row of a round that was not checkpointed is dropped; the log goes to log.txt)."""
+        if self._committed:
+            return
+        if self._rows_to_keep is not None:
+            self.run_dir.write_metrics(self._rows_to_keep)
+        buffered = self._log_handler
+        handler = self._log_file()
+        assert isinstance(buffered, _LogBuffer)
+        for record in buffered.records:
+            handler.handle(record)
+        log.addHandler(handler)
+        log.removeHandler(buffered)
+        self._log_handler = handler
+        self._committed = True
+
+    def _discard(self, existed: bool, found: set[str]) -> None:
+        """Remove what this run wrote: the whole directory when this run created it, else only the paths
+        that were not there when it started (``found``)."""
         if not existed:
             shutil.rmtree(self.run_dir.root, ignore_errors=True)
             return
-        for path in (self.run_dir.recipe_path, self.run_dir.log_path, self.run_dir.metrics_path):
-            path.unlink(missing_ok=True)
-        (self.run_dir.root / RUN_FILE).unlink(missing_ok=True)
-        for folder in (self.run_dir.checkpoint_dir, self.run_dir.root / "samples"):
-            shutil.rmtree(folder, ignore_errors=True)
+        remove_new_paths(self.run_dir.root, found)
 
     def _run(self, completed: int) -> dict[str, Any]:
         recipe = self.recipe
@@ -280,6 +327,7 @@ class Runner:
             algorithm.setup(ctx)
             if completed:
                 self._load_checkpoint(ctx, algorithm, completed)
+            self._commit()
             resolved = recipe.resolved()
             self._notify_loggers("start", self.run_dir.root, resolved)
             rounds = recipe.federation.rounds
@@ -398,19 +446,39 @@ class Runner:
             "recipe_sha256": sha256(self.run_dir.recipe_path.read_bytes()),
             "files": files,
         }
-        atomic_write_json(directory / "state.json", state)
+        text = json.dumps(to_jsonable(state), indent=2, sort_keys=True) + "\n"
+        digest = sha256(text.encode("utf-8"))
+        self.record.pending(digest)  # run.json holds the new state's hash before the state is in place
+        atomic_write_text(directory / STATE_FILE, text)
+        self.record.commit(digest)
         for old in directory.glob("*.r*.safetensors"):
             match = re.fullmatch(r"(algorithm|generator)\.r(\d+)\.safetensors", old.name)
             if match and int(match.group(2)) < rounds_completed:
                 old.unlink(missing_ok=True)
 
     def _load_checkpoint(self, ctx: ServerContext, algorithm: Algorithm, completed: int) -> None:
+        """Load the verified checkpoint; a state that does not fit the algorithm or generator is refused."""
         directory = self.run_dir.checkpoint_dir
-        state = read_json_file(directory / "state.json", "checkpoint state")
+        state_path = directory / STATE_FILE
+        state = read_json_file(state_path, "checkpoint state")
+        if sha256(state_path.read_bytes()) != self.record.state_sha256:
+            raise UserError(f"cannot resume {self.run_dir.root}: {state_path} changed while the run started")
+        where = f"cannot resume {self.run_dir.root}: {state_path}"
         arrays = load_safetensors(directory / state["algorithm_arrays"])
-        algorithm.load_state(state["algorithm"], arrays)
+        try:
+            algorithm.load_state(state["algorithm"], arrays)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise UserError(
+                f"{where}: the algorithm's state does not fit '{self.recipe.algorithm.name}' "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         if ctx.generator is not None:
-            ctx.generator.load_adapter(directory / f"generator.r{completed}.safetensors")
+            name = f"generator.r{completed}.safetensors"
+            if name not in state["files"]:
+                raise UserError(f"{where} records no generator checkpoint ({name}) for a run that uses one")
+            ctx.generator.load_adapter(directory / name)
         log.info("resumed after round %d", completed)
 
     def _summary(self) -> dict[str, Any]:

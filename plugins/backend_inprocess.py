@@ -12,6 +12,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from pydantic import Field
 
@@ -31,12 +32,23 @@ class _ClientSide:
     """The simulated clients' side of one run: their factory (which holds every client's share), their
     state on disk and the clients kept built. Lives in :data:`_CLIENT_SIDES`, never on the backend."""
 
-    __slots__ = ("factory", "resident", "store")
+    __slots__ = ("_store", "factory", "resident", "root", "stale_from")
 
-    def __init__(self, factory: ClientFactory, store: ClientStateStore) -> None:
+    def __init__(self, factory: ClientFactory, root: Path, stale_from: int) -> None:
         self.factory = factory
-        self.store = store
+        self.root = root
+        self.stale_from = stale_from
+        self._store: ClientStateStore | None = None
         self.resident: OrderedDict[int, ClientRuntime] = OrderedDict()
+
+    @property
+    def store(self) -> ClientStateStore:
+        """The clients' state on disk, opened at the first exchange rather than at start (a resume refused
+        before its first round leaves the run directory as it was); drops what an interrupted round left."""
+        if self._store is None:
+            self._store = ClientStateStore(self.root)
+            self._store.discard_from(self.stale_from)
+        return self._store
 
 
 # The client side of every started in-process backend, by the backend's ticket. The server side (the
@@ -59,10 +71,8 @@ class InProcessBackend(Backend):
         self.stop()  # a backend started again (a second run) lets go of its earlier clients first
         factory = ClientFactory(ctx.recipe)  # the simulated clients' side: never handed to the server
         _ = factory.task  # loads and partitions the clients' data now: a bad partition fails before round 1
-        store = ClientStateStore(ctx.run_dir.client_state_dir)
-        store.discard_from(ctx.rounds_completed_at_start)
         self._ticket = next(_tickets)
-        _CLIENT_SIDES[self._ticket] = _ClientSide(factory, store)
+        _CLIENT_SIDES[self._ticket] = _ClientSide(factory, ctx.run_dir.client_state_dir, ctx.rounds_completed_at_start)
 
     def _side(self) -> _ClientSide:
         side = _CLIENT_SIDES.get(getattr(self, "_ticket", 0))

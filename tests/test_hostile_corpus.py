@@ -119,6 +119,15 @@ def _state(run: Path) -> dict:
 
 
 def _set_state(run: Path, **changes) -> None:
+    """Change state.json's fields *and* its hash in run.json, as a buggy writer would: the field checks."""
+    (run / "checkpoints" / "state.json").write_text(json.dumps({**_state(run), **changes}))
+    record = json.loads((run / "run.json").read_text())
+    record["state_sha256"] = hashlib.sha256((run / "checkpoints" / "state.json").read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps(record))
+
+
+def _edit_state(run: Path, **changes) -> None:
+    """Change state.json's fields by hand: its hash in run.json no longer matches."""
     (run / "checkpoints" / "state.json").write_text(json.dumps({**_state(run), **changes}))
 
 
@@ -130,10 +139,25 @@ def _edit_recipe(run: Path) -> None:
 RESUMES = {
     # name: (damage, first-line fragment)
     "rounds-completed-negative": (lambda r: _set_state(r, rounds_completed=-1), "rounds_completed must be a whole"),
-    "state-garbage": (lambda r: (r / "checkpoints/state.json").write_bytes(b"\xff\x00garbage"), "is damaged"),
+    "state-garbage": (
+        lambda r: (r / "checkpoints/state.json").write_bytes(b"\xff\x00garbage"),
+        "state.json was changed after it was written",
+    ),
     "state-truncated": (
         lambda r: (r / "checkpoints/state.json").write_bytes((r / "checkpoints/state.json").read_bytes()[:40]),
-        "is damaged: JSONDecodeError",
+        "state.json was changed after it was written",
+    ),
+    "state-edited": (lambda r: _edit_state(r, rounds_completed=1), "state.json was changed after it was written"),
+    "state-entry-removed": (
+        lambda r: _edit_state(r, files={k: v for k, v in _state(r)["files"].items() if not k.startswith("algorithm")}),
+        "state.json was changed after it was written",
+    ),
+    "state-deleted": (lambda r: (r / "checkpoints/state.json").unlink(), "state.json is missing, but"),
+    "run-record-without-state-hash": (
+        lambda r: (r / "run.json").write_text(
+            json.dumps({"recipe_sha256": json.loads((r / "run.json").read_text())["recipe_sha256"]})
+        ),
+        "records no hash of state.json",
     ),
     "state-without-hashes": (lambda r: _set_state(r, files=None), "records no checkpoint hashes"),
     "recipe-edited": (_edit_recipe, "was changed after the run started"),

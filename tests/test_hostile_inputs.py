@@ -108,6 +108,9 @@ def record_hash(out: Path, name: str) -> None:
     state = json.loads(state_path.read_text())
     state["files"][name] = sha256_file(out / "checkpoints" / name)
     state_path.write_text(json.dumps(state))
+    record = json.loads((out / "run.json").read_text())  # and state.json's hash: a consistent checkpoint
+    record["state_sha256"] = sha256_file(state_path)
+    (out / "run.json").write_text(json.dumps(record))
 
 
 def test_truncated_checkpoint_on_resume(tmp_path):
