@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from fedmmkt_core.cache import seal_folder, usable_folder
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError, UserError
 from fedmmkt_core.interfaces import (
@@ -315,7 +316,7 @@ class SDLoraGenerator(Generator):
         key.update("\n".join(captions).encode())
         directory = cache_dir / "generators" / f"sd-tiny-{key.hexdigest()[:20]}"
         self.base_path = directory
-        if (directory / "model_index.json").exists():
+        if usable_folder(directory, "the cached pre-trained generator"):  # its files match their sha256
             log.info("tiny generator: loading the pre-trained pipeline from %s", directory)
             self.cache_hit = True
             return load_pipeline(str(directory), torch.float32)
@@ -329,6 +330,7 @@ class SDLoraGenerator(Generator):
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
         pipe.save_pretrained(staging, safe_serialization=True)
         (staging / PRETRAIN_MARKER).write_text(json.dumps({"latents": "mean"}) + "\n")
+        seal_folder(staging)  # every file's sha256, checked when the cache is loaded
         try:
             os.replace(staging, directory)
         except OSError:  # another run finished the same pre-training first

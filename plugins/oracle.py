@@ -2,7 +2,8 @@
 
 No party trains on the oracle split. The oracle labels generated images (classification accuracy
 score, CAS) and embeds them for a Fréchet distance to real test images. Trained once per dataset,
-seed and config, and cached as safetensors under the cache directory.
+seed and config, and cached as safetensors under the cache directory (with its tensors' sha256,
+checked at load).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmmkt_core.cache import load_sealed_tensors, save_sealed_tensors
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
-from fedmmkt_core.rundir import load_safetensors, save_safetensors
 
 from .client_cnn import CNNClient, CNNConfig
 from .torch_classifier import torch
@@ -51,12 +52,14 @@ class EvaluationOracle:
         key.update(oracle_split.labels.tobytes())
         key.update(json.dumps([ORACLE_VERSION, seed, config.model_dump(mode="json"), list(task.class_names)]).encode())
         self.cache_path = Path(cache_dir) / "oracles" / f"oracle-{key.hexdigest()[:20]}.safetensors"
-        self.from_cache = self.cache_path.exists()
-        if self.from_cache:
-            self.model.set_weights(load_safetensors(self.cache_path))
+        # The cached weights carry their sha256: an entry changed on disk is trained again (with a warning).
+        cached = load_sealed_tensors(self.cache_path, "the cached evaluation oracle")
+        self.from_cache = cached is not None
+        if cached is not None:
+            self.model.set_weights(cached)
         else:
             self.model.fit(oracle_split, None, seed=seed)
-            save_safetensors(self.cache_path, self.model.get_weights())
+            save_sealed_tensors(self.cache_path, self.model.get_weights())
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.model.predict_logits(images).argmax(axis=1)
