@@ -42,6 +42,7 @@ from fedmmkt_core.interfaces import (
     Progress,
 )
 from fedmmkt_core.lazy import lazy_import
+from fedmmkt_core.paths import MAX_IMAGE_SIZE
 from fedmmkt_core.seeding import derive_seed
 
 HINT = 'Install the diffusion extra: pip install "fedmmkt[diffusion]"'
@@ -150,7 +151,9 @@ class SDLoraConfig(ComponentConfig):
     lora: LoraSettings = LoraSettings()
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
-    resolution: int | None = Field(None, ge=8, description="generation size; default: the task's image size")
+    resolution: int | None = Field(
+        None, ge=8, le=MAX_IMAGE_SIZE, description="generation size; default: the task's image size"
+    )
     generation_batch_size: int = Field(256, ge=1)
     fine_tune_steps: int = Field(100, ge=0, description="most LoRA optimisation steps per fine-tuning call")
     fine_tune_epochs: float | None = Field(
