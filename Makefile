@@ -30,10 +30,12 @@ $(STAMP): $(DEMO_STAMP)
 	touch $(STAMP)
 
 demo: $(DEMO_STAMP)
+	# a recipe reading data/fashion-mnist gets its files first (checked, fetched only when missing)
+	if grep -q "data/fashion-mnist" $(DEMO_RECIPE); then $(MAKE) --no-print-directory data-fashion; fi
 	HF_HUB_OFFLINE=1 $(BIN)/fedmmkt run $(DEMO_RECIPE) --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12 -n auto --dist loadscope
 	$(BIN)/ruff check .
 
 # Fashion-MNIST's four IDX files (Debian's dataset-fashion-mnist, sha256 checked) for examples/fashion.yaml

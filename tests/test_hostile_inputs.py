@@ -90,8 +90,16 @@ def test_an_existing_folder_keeps_only_what_was_there(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert_refused(run_cli(local_recipe(tmp_path, clients=5000), "--out", out), "5000 clients")
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # a folder fedmmkt did not mark is refused before anything runs
+    assert_refused(
+        run_cli(local_recipe(tmp_path), "--out", out), "is not empty and is not a fedmmkt run directory", "notes.txt"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    # an empty folder the user made is kept (empty) when the run fails in set-up
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_refused(run_cli(local_recipe(tmp_path, clients=5000), "--out", empty), "5000 clients")
+    assert empty.is_dir() and not list(empty.iterdir())
 
 
 def interrupted_after_round_1(recipe, out: Path) -> None:

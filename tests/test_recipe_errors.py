@@ -40,7 +40,7 @@ def validate(tmp_path: Path, text: str, *args: str):
 def test_valid_recipe_passes(tmp_path):
     result = validate(tmp_path, VALID)
     assert result.exit_code == 0, result.output
-    assert "is valid" in result.output
+    assert "is valid" in " ".join(result.output.split())  # the console wraps long paths
 
 
 def test_shipped_examples_validate():

@@ -1,0 +1,76 @@
+"""Flower partition workflow: every SuperNode gets only its own data folder (split from tests/test_flower.py
+so that pytest-xdist runs the long Flower tests on different workers)."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from fedmmkt_cli.main import app
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from fedmmkt_plugins.flower import LocalFederation  # noqa: E402,F401
+from test_flower import (  # noqa: E402
+    SMOKE,
+    THREE_CLIENTS,
+    _read,
+    alive,
+    cli,
+    flower_backend,
+    inprocess_reference,  # noqa: F401  (a module-scoped fixture: this module's own instance)
+    rows_without_timing,
+    run_cli,
+    start_federation,
+    wait_for,
+)
+
+
+def test_every_node_trains_on_its_own_data_folder(tmp_path, monkeypatch, inprocess_reference):
+    """Each SuperNode gets only its own folder (written by `fedmmkt partition`) as data-root; the run's
+    metrics equal the in-process run's, and each node's client state lands under its own folder."""
+    parts = tmp_path / "parts"
+    written = cli.invoke(app, ["partition", str(SMOKE), str(parts), *sum((["--set", o] for o in THREE_CLIENTS), [])])
+    assert written.exit_code == 0, written.output
+    with start_federation(tmp_path, monkeypatch, data=parts) as federation:
+        for k in range(3):
+            assert f"data-root={json.dumps(str(parts.resolve() / f'client_{k}'))}" in federation.node_config(k)
+        result = run_cli([*THREE_CLIENTS, flower_backend(federation)], tmp_path / "flower")
+    assert result.exit_code == 0, result.output
+    assert rows_without_timing(tmp_path / "flower") == rows_without_timing(inprocess_reference)
+    run_key = json.loads((tmp_path / "flower" / "flower_run.json").read_text())["run_key"]
+    for k in range(3):
+        state = parts / f"client_{k}" / ".fedmmkt-state" / run_key
+        assert [p.name for p in state.iterdir()] == [f"client_{k}"]  # node k held client k only
+        assert sorted(p.name for p in state.glob("*/*.safetensors")) == [f"client_{k}.r{r}.safetensors" for r in (0, 1)]
+
+
+def test_federation_up_with_data_gives_every_node_its_own_folder(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    parts = tmp_path / "parts"
+    written = cli.invoke(app, ["partition", str(SMOKE), str(parts), "--set", "clients.0.count=1"])
+    assert written.exit_code == 0, written.output
+    exe = Path(sys.executable).parent / "fedmmkt"
+    command = [str(exe), "federation", "up", "--data", str(parts), "--port", "0", "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+        nodes = {int(k): int(pid) for k, pid in re.findall(r"supernode-(\d+): pid (\d+)", _read(log))}
+        assert sorted(nodes) == [0, 1, 2]  # one node per client folder
+        for k, pid in nodes.items():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            assert f"data-root={json.dumps(str(parts.resolve() / f'client_{k}'))}" in cmdline, cmdline
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert not [p for p in nodes.values() if alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
