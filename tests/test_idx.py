@@ -368,3 +368,25 @@ def test_output_too_large_is_refused_before_resizing(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_idx, "MAX_PAYLOAD", 40 * 512 * 512 - 1)
     with pytest.raises(DataError, match="40 images of 512x512 .*set max_samples_per_class"):
         dataset(write_folder(tmp_path / "idx"), image_size=512, resize="nearest").load(seed=0)
+
+
+def test_the_fashion_recipe_validates_and_loads_32x32_splits(tmp_path):
+    """examples/fashion.yaml against a stand-in for data/fashion-mnist (CI has no real data): it validates,
+    its splits are 28x28 padded to 32x32, and its tiny generator's VAE and UNet divide that size."""
+    from pathlib import Path
+
+    from fedmmkt_plugins.generator_sd_lora import SDLoraConfig
+
+    from fedmmkt_core.recipe import load_recipe
+
+    recipe_path = Path(__file__).resolve().parents[1] / "examples" / "fashion.yaml"
+    root = write_folder(tmp_path / "fashion", gz=True, per_split=(400, 100), classes=10, size=28)
+    override = f"data.dataset.params.root={root}"
+    result = CliRunner().invoke(app, ["validate", str(recipe_path), "--set", override])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(recipe_path, [override])
+    splits = recipe.build("dataset", recipe.data.dataset).load(seed=0)
+    assert splits.train.images.shape[1:] == (32, 32, 1) and splits.task.image_size == 32
+    assert splits.task.class_names[0] == "T-shirt/top" and splits.public is not None
+    tiny = SDLoraConfig.model_validate(recipe.generator.params).tiny
+    assert 32 % (2 ** (len(tiny.vae_widths) - 1) * 2 ** (len(tiny.unet_channels) - 1)) == 0
