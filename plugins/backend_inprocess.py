@@ -8,6 +8,7 @@ arrives and their weights kept on disk, so memory does not grow with the number 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import threading
 from collections import OrderedDict
@@ -22,6 +23,9 @@ from fedmmkt_core.errors import ClientFailure
 from fedmmkt_core.faults import ClientDropout, crash_point
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.wire import Message
+
+# The machine's storage failing (disk full, quota, read-only, I/O): stops the run naming the path
+MACHINE_STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 class InProcessConfig(ComponentConfig):
@@ -116,6 +120,12 @@ class InProcessBackend(Backend):
                 replies[client_id] = ClientFailure(client_id, "dropped out: no reply")
             except TimeoutError:
                 replies[client_id] = ClientFailure(client_id, f"timed out: no reply within round_timeout={timeout}s")
+            except OSError as exc:
+                if exc.errno in MACHINE_STORAGE_ERRORS:
+                    # In-process every client writes to this machine's disk: a full or read-only disk is the
+                    # run's problem (stop, resume later), not client N's fault to be recorded and skipped.
+                    raise
+                replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # the client's fault is reported, the round decides
                 replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
             if progress is not None:

@@ -145,3 +145,21 @@ def test_mismatched_lora_file_on_resume(tmp_path):
     assert_refused(run_cli("--resume", out), "generator.r1.safetensors", "another rank")
     assert not (out / "summary.json").exists()
     assert json.loads((out / "checkpoints" / "state.json").read_text())["rounds_completed"] == 1
+
+
+def test_a_full_disk_stops_the_run_naming_the_path_not_a_client(tmp_path, monkeypatch):
+    """In-process, a client's weights go to this machine's disk: ENOSPC there is the run's error (one line
+    with the path), never 'client N failed in fit'."""
+    import errno
+
+    from fedmmkt_core.client import ClientStateStore
+
+    def full(self, client_id, round_index, weights):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "clients"))
+
+    monkeypatch.setattr(ClientStateStore, "save", full)
+    out = tmp_path / "run"
+    result = run_cli(local_recipe(tmp_path), "--out", out)
+    assert_refused(result, "No space left on device", str(tmp_path / "run" / "clients"))
+    assert "client 0" not in result.output and "failed in fit" not in result.output
+    assert not out.exists()  # nothing finished: the run removes what it wrote
