@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from fedmmkt_core import paths
 from fedmmkt_core.data import DataSplits, ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.interfaces import Dataset
@@ -120,25 +120,7 @@ class IDXConfig(SplitConfig):
 
 def open_regular(path: Path) -> BinaryIO:
     """Open ``path`` for reading if it is a regular file (a FIFO, device or folder is a DataError)."""
-    try:
-        before = os.stat(path)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(before.st_mode):
-        raise DataError(f"{path} is not a regular file (a FIFO, device or folder); only regular files are read")
-    try:
-        # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, opening does not hang
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DataError(f"{path} is not a regular file (a FIFO, device or folder); only regular files are read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return paths.open_regular(path, "IDX file", error=DataError)
 
 
 @dataclass(frozen=True)
