@@ -106,6 +106,28 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@contextlib.contextmanager
+def federation_up(tmp_path: Path, *args: str):
+    """`fedmmkt federation up ARGS` in its own session (log in tmp_path/up.log), started: yields the
+    process and its log; killed by process group if it is still running afterwards."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "fedmmkt"
+    command = [str(exe), "federation", "up", *args, "--port", "0", "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_flower_deployment_reproduces_the_inprocess_run(tmp_path, federation, inprocess_reference):
     result = run_cli([*THREE_CLIENTS, flower_backend(federation)], tmp_path / "flower")
     assert result.exit_code == 0, result.output

@@ -3,7 +3,6 @@
 different workers)."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from test_flower import (  # noqa: E402
     _read,
     alive,
     federation,  # noqa: F401  (fixture)
+    federation_up,
     flower_backend,
     run_cli,
     wait_for,
@@ -113,27 +113,14 @@ def test_stop_ends_every_process_it_started(tmp_path):
 
 def test_federation_up_command_starts_and_stops_its_processes(tmp_path):
     import re
-    import subprocess
-    import sys
 
-    exe = Path(sys.executable).parent / "fedmmkt"
-    command = [str(exe), "federation", "up", "--nodes", "2", "--port", "0", "--workdir", str(tmp_path / "fed")]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
-    log = tmp_path / "up.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+    with federation_up(tmp_path, "--nodes", "2") as (proc, log):
         pids = [int(p) for p in re.findall(r"pid (\d+)", _read(log))]
         assert len(pids) == 3 and all(alive(p) for p in pids)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert "stopping" in _read(log)
         assert not [p for p in pids if alive(p)]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_node_client_state_claims_discards_and_ignores_an_older_run(tmp_path):

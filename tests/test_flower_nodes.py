@@ -2,7 +2,6 @@
 so that pytest-xdist runs the long Flower tests on different workers)."""
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -18,12 +17,12 @@ from test_flower import (  # noqa: E402
     _read,
     alive,
     cli,
+    federation_up,
     flower_backend,
     inprocess_reference,  # noqa: F401  (a module-scoped fixture: this module's own instance)
     rows_without_timing,
     run_cli,
     start_federation,
-    wait_for,
 )
 
 
@@ -48,20 +47,11 @@ def test_every_node_trains_on_its_own_data_folder(tmp_path, monkeypatch, inproce
 
 def test_federation_up_with_data_gives_every_node_its_own_folder(tmp_path):
     import re
-    import subprocess
-    import sys
 
     parts = tmp_path / "parts"
     written = cli.invoke(app, ["partition", str(SMOKE), str(parts), "--set", "clients.0.count=1"])
     assert written.exit_code == 0, written.output
-    exe = Path(sys.executable).parent / "fedmmkt"
-    command = [str(exe), "federation", "up", "--data", str(parts), "--port", "0", "--workdir", str(tmp_path / "fed")]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
-    log = tmp_path / "up.log"
-    with open(log, "wb") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for(lambda: "SuperLink at" in _read(log), 60, "the federation to start")
+    with federation_up(tmp_path, "--data", str(parts)) as (proc, log):
         nodes = {int(k): int(pid) for k, pid in re.findall(r"supernode-(\d+): pid (\d+)", _read(log))}
         assert sorted(nodes) == [0, 1, 2]  # one node per client folder
         for k, pid in nodes.items():
@@ -70,7 +60,3 @@ def test_federation_up_with_data_gives_every_node_its_own_folder(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         assert not [p for p in nodes.values() if alive(p)]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -11,28 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedmmkt_cli.main import app
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from test_fedmmkt import RECIPE
+from test_hostile_corpus import invoke
 from test_hostile_inputs import local_recipe
 from test_imagefolder import write_folder
-from typer.testing import CliRunner
 
 from fedmmkt_core.cache import MANIFEST, CacheWarning, folder_problem, tensors_sha256
 from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.rundir import LOCK_FILE, remove_new_paths, snapshot
 from fedmmkt_core.runner import Runner
 
-cli = CliRunner()
 TIMING = re.compile(r'"seconds_[a-z_]+": [-0-9.e+]+(, )?')
-
-
-def invoke(*args) -> tuple[int, str]:
-    result = cli.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result.exit_code, result.output
 
 
 def first_line(output: str) -> str:
