@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create the environment (idempotent) and run the main job
-#   make test   - create the environment (idempotent) and run the tests
+#   make test   - create the environment (idempotent) and run the tests, ruff and the import layers
 #   make bench  - every benchmark (hours on 2 cores), then the README's results section
 #   make data-fashion - Fashion-MNIST's IDX files into data/fashion-mnist (apt-get download, sha256 checked)
 PYTHON ?= python3
@@ -37,6 +37,7 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=12 -n auto --dist loadscope
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # Fashion-MNIST's four IDX files (Debian's dataset-fashion-mnist, sha256 checked) for examples/fashion.yaml
 data-fashion: $(DEMO_STAMP)

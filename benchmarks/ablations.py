@@ -80,7 +80,7 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
 
 def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, variant: str, rounds: int, out: Path):
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import Runner
+    from fedmmkt_core.server.runner import Runner
 
     overrides = overrides_for(client_set, alpha, seed, "fedmmkt", rounds, recipe_path)
     overrides += ["data.evaluate_on=validation", *VARIANTS[variant]]

@@ -98,8 +98,9 @@ def alternating_seconds(calls: dict[str, Callable[[], object]], repeats: int) ->
 def demo_generator(recipe_path: Path, overrides: list[str], cache: Path | None = None) -> tuple[Any, Any]:
     """``(generator, splits)``: the recipe's generator built as a run builds it (seed, cache, public split);
     ``cache`` replaces the run's cache folder (e.g. an empty one, to time a pre-training)."""
+    from fedmmkt_core.cache import cache_dir
+    from fedmmkt_core.loading import load_data
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import cache_dir, load_data
     from fedmmkt_core.seeding import derive_seed
 
     recipe = load_recipe(recipe_path, ["loggers=[]", *overrides])

@@ -79,13 +79,15 @@ class ComputeTimer:
 
 
 def instrument() -> ComputeTimer:
-    from fedmmkt_plugins import generator_sd_lora, oracle, torch_classifier
+    from fedmmkt_plugins.clients import torch_classifier
+    from fedmmkt_plugins.evaluation import oracle
+    from fedmmkt_plugins.generators import sd_lora
 
     timer = ComputeTimer()
     timer.wrap(torch_classifier.TorchClassifier, "fit", "client_fit")
     timer.wrap(torch_classifier.TorchClassifier, "predict_logits", "client_predict")
-    timer.wrap(generator_sd_lora.SDLoraGenerator, "generate", "generator_generate")
-    timer.wrap(generator_sd_lora.SDLoraGenerator, "fine_tune", "generator_fine_tune")
+    timer.wrap(sd_lora.SDLoraGenerator, "generate", "generator_generate")
+    timer.wrap(sd_lora.SDLoraGenerator, "fine_tune", "generator_fine_tune")
     timer.wrap(oracle.EvaluationOracle, "predict", "oracle_predict")
     timer.wrap(oracle.EvaluationOracle, "features", "oracle_features")
     timer.wrap(oracle, "frechet_distance", "frechet_distance")
@@ -95,7 +97,7 @@ def instrument() -> ComputeTimer:
 def measure_overhead(rounds: int, out: Path, overrides: list[str]) -> dict[str, Any]:
     """One instrumented run of the demo recipe; per round: wall, compute inside it, phases, bytes."""
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import Runner
+    from fedmmkt_core.server.runner import Runner
 
     recipe = load_recipe(RECIPE, [f"federation.rounds={rounds}", "loggers=[]", *overrides])
     shutil.rmtree(out, ignore_errors=True)
@@ -196,8 +198,8 @@ def measure_client_fit(repeats: int, overrides: list[str]) -> dict[str, Any]:
     import numpy as np
 
     from fedmmkt_core.data import DistillSet
+    from fedmmkt_core.loading import load_data
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import load_data
 
     recipe = load_recipe(RECIPE, ["loggers=[]", *overrides])
     splits, partitions = load_data(recipe)

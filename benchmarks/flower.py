@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # a terminated benchmark still stops the SuperLink and SuperNodes it started (the finally below)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from fedmmkt_plugins.flower import LocalFederation
+    from fedmmkt_plugins.backends.flower import LocalFederation
 
     overrides = ["clients.0.count=2", "clients.1.count=1", f"federation.rounds={args.rounds}", "loggers=[]"]
     work = Path(tempfile.mkdtemp(prefix="fedmmkt-bench-flower-"))

@@ -22,7 +22,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from fedmmkt_core.wire import Message
-from fedmmkt_plugins.flower import flower_nbytes, from_records, to_records
+from fedmmkt_plugins.backends.flower import flower_nbytes, from_records, to_records
 
 server_app = ServerApp()
 client_app = ClientApp()
@@ -77,9 +77,9 @@ def main(grid, context):
 
 
 def main() -> None:
-    from fedmmkt_plugins.flower import LocalFederation
-    from fedmmkt_plugins.flower.packaging import app_pyproject, stream
-    from fedmmkt_plugins.flower.processes import child_env, flwr_exe
+    from fedmmkt_plugins.backends.flower import LocalFederation
+    from fedmmkt_plugins.backends.flower.packaging import app_pyproject, stream
+    from fedmmkt_plugins.backends.flower.processes import child_env, flwr_exe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 16, 64, 256])
@@ -96,7 +96,7 @@ def main() -> None:
             app.mkdir()
             (app / "probe_app.py").write_text(PROBE_APP, encoding="utf-8")
             config = {"sizes-mb": json.dumps(args.sizes_mb), "timeout": args.timeout, "out": str(out)}
-            text = app_pyproject(config).replace("fedmmkt_plugins.flower_app:", "probe_app:")
+            text = app_pyproject(config).replace("fedmmkt_plugins.backends.flower.app:", "probe_app:")
             (app / "pyproject.toml").write_text(text, encoding="utf-8")
             home = Path(tmp) / "home"
             home.mkdir()

@@ -26,7 +26,7 @@ def grid_figure(run_dir: Path, out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from fedmmkt_plugins.sample_grid import save_sample_grid
+    from fedmmkt_plugins.evaluation.sample_grid import save_sample_grid
     from PIL import Image
 
     from fedmmkt_core.loading import load_server_data

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from fedmmkt_core.recipe import load_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 from .common import atomic_write_json
 

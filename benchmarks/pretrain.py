@@ -34,11 +34,11 @@ EXTRA_SEED = 10_000
 def measure(recipe_path: Path, seed: int, pretrain: dict[str, Any], use_cache: bool) -> dict[str, Any]:
     """Pre-train (timed, splits loading included) under ``pretrain`` and measure the result as FedMMKT does
     before round 1."""
-    from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance, oracle_half
+    from fedmmkt_plugins.evaluation.oracle import EvaluationOracle, frechet_distance, oracle_half
 
+    from fedmmkt_core.cache import cache_dir
     from fedmmkt_core.loading import evaluation_split
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import cache_dir
     from fedmmkt_core.seeding import derive_seed
 
     overrides = [f"seed={seed}"] + [f"generator.params.pretrain.{k}={json.dumps(v)}" for k, v in pretrain.items()]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedmmkt_core.recipe import load_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 from .common import atomic_write_json
 

@@ -31,7 +31,7 @@ RESULT_FILE = RESULTS / "profile-digits.json"
 
 def profile_round(out: Path, top: int) -> dict[str, Any]:
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import Runner
+    from fedmmkt_core.server.runner import Runner
 
     recipe = load_recipe(RECIPE, ["federation.rounds=2", "loggers=[]"])
     shutil.rmtree(out, ignore_errors=True)
@@ -66,7 +66,7 @@ def profile_round(out: Path, top: int) -> dict[str, Any]:
 
 def generation_with_and_without_merge(repeats: int, count: int) -> dict[str, Any]:
     import torch
-    from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+    from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 
     generator, splits = demo_generator(RECIPE, [])
     torch.manual_seed(0)

@@ -134,7 +134,7 @@ def run_cell(
 ) -> dict[str, Any]:
     from fedmmkt_core.recipe import load_recipe
     from fedmmkt_core.rundir import RunDirectory
-    from fedmmkt_core.runner import Runner
+    from fedmmkt_core.server.runner import Runner
 
     overrides = overrides_for(client_set, alpha, seed, algorithm, rounds, recipe_path)
     recipe = load_recipe(recipe_path, overrides)

@@ -56,7 +56,7 @@ def run_point(overrides: list[str], out: Path) -> dict[str, Any]:
     import shutil
 
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import Runner
+    from fedmmkt_core.server.runner import Runner
 
     shutil.rmtree(out, ignore_errors=True)
     recipe = load_recipe(RECIPE, overrides)

@@ -77,7 +77,7 @@ def build_pipeline(shape: dict[str, Any], seed: int = 0) -> Any:
     import diffusers
     import torch
     import transformers
-    from fedmmkt_plugins.generator_sd_lora import build_word_tokenizer, split_words
+    from fedmmkt_plugins.generators.sd_lora import build_word_tokenizer, split_words
 
     torch.manual_seed(seed)
     words = sorted({w for p in PROMPTS for w in split_words(p)})
@@ -163,7 +163,7 @@ class PeakMemory:
 
 
 def toolkit_generator(folder: Path, task: Any, dtype: str, device: str, shape: dict[str, Any], **params: Any) -> Any:
-    from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+    from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 
     config = {
         "model": str(folder), "dtype": dtype, "device": device, "num_inference_steps": shape["inference_steps"],
@@ -247,8 +247,8 @@ def alignment_batch(count: int, size: int, seed: int = 0) -> Any:
 
 def prepared_loss(name: str, batch: Any, task: Any) -> Any:
     """The registered loss, prepared once (the ensemble-ce student distilled) and then kept as is."""
-    from fedmmkt_plugins.loss_ensemble_ce import EnsembleCELoss
-    from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
+    from fedmmkt_plugins.losses.ensemble_ce import EnsembleCELoss
+    from fedmmkt_plugins.losses.weighted_denoising import WeightedDenoisingLoss
 
     if name == "weighted-denoising":
         return WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.0))
@@ -266,7 +266,7 @@ def ratio(toolkit: list[float], bare: list[float]) -> float:
 def measure_dtype(folder: Path, dtype_name: str, device: str, shape: dict[str, Any], repeats: int) -> dict[str, Any]:
     import peft
     import torch
-    from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+    from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 
     from fedmmkt_core.data import TaskSpec
 
@@ -387,7 +387,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/sd-shaped-<device>.json")
     args = parser.parse_args(argv)
     import torch
-    from fedmmkt_plugins.generator_sd_lora import quiet_libraries
+    from fedmmkt_plugins.generators.sd_lora import quiet_libraries
 
     quiet_libraries()
     threads = set_threads(args.threads)

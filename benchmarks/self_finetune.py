@@ -31,13 +31,13 @@ SAMPLE_SEED = 30_000
 
 
 def measure(recipe_path: Path, seed: int, latents: str, calls: int) -> dict[str, Any]:
-    from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
-    from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance
+    from fedmmkt_plugins.evaluation.oracle import EvaluationOracle, frechet_distance
+    from fedmmkt_plugins.losses.weighted_denoising import WeightedDenoisingLoss
 
+    from fedmmkt_core.cache import cache_dir
     from fedmmkt_core.interfaces import AlignmentBatch
     from fedmmkt_core.loading import evaluation_split
     from fedmmkt_core.recipe import load_recipe
-    from fedmmkt_core.runner import cache_dir
     from fedmmkt_core.seeding import derive_seed
 
     overrides = [f"seed={seed}", f"generator.params.fine_tune_latents={latents}"]

@@ -61,7 +61,7 @@ def _guard(func, *args: Any, doing: str = "", **kwargs: Any) -> Any:
     """Run ``func``; user errors and OS errors (naming the path and ``doing``, the operation) become one
     line and exit 2, run failures exit 1."""
     from fedmmkt_core.errors import UserError
-    from fedmmkt_core.runner import RunFailed
+    from fedmmkt_core.server.runner import RunFailed
 
     try:
         return func(*args, **kwargs)
@@ -127,7 +127,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a recipe: rounds with progress bars, results in the run directory."""
-    from fedmmkt_core.runner import Runner, default_run_dir
+    from fedmmkt_core.server.runner import Runner, default_run_dir
 
     if resume is not None:
         if out_dir is not None and out_dir.resolve() != resume.resolve():
@@ -164,7 +164,7 @@ def partition(
 
     Exactly the share the recipe's partitioner cuts for client K (same images, labels, order). A Flower
     SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see docs/flower.md)."""
-    from fedmmkt_core.clientdata import write_partition
+    from fedmmkt_core.client import write_partition
 
     loaded = _guard(_load, recipe, set_)
     _guard(_check_output_folder, out_dir, "partition folder")
@@ -300,7 +300,7 @@ def _check_cache_folder() -> None:
     run spends minutes pre-training a generator it could not cache."""
     import os
 
-    from fedmmkt_core.runner import cache_dir
+    from fedmmkt_core.cache import cache_dir
 
     folder = cache_dir()
     what = "the cache folder (FEDMMKT_CACHE)" if os.environ.get("FEDMMKT_CACHE") else "the cache folder"
@@ -396,7 +396,7 @@ def federation_up(
     import tempfile
     import time
 
-    from fedmmkt_plugins.flower import LocalFederation
+    from fedmmkt_plugins.backends.flower import LocalFederation
 
     if nodes is not None and not 1 <= nodes <= MAX_NODES:
         _fail(f"--nodes {nodes}: a local federation runs 1 to {MAX_NODES} SuperNodes")
@@ -456,7 +456,7 @@ def data_fetch(
     ] = None,
 ) -> None:
     """Bring a dataset's files (apt-get download + dpkg -x, or --from a folder), check their sha256, write them."""
-    from fedmmkt_plugins.fetch import fetch, render
+    from fedmmkt_plugins.datasets.fetch import fetch, render
 
     out.print(render(_guard(fetch, dataset, folder, from_, say=lambda line: err.print(line, highlight=False))))
 
@@ -466,7 +466,7 @@ def data_verify(
     dataset: DatasetArg, folder: Annotated[Path, typer.Argument(help="folder holding the files", show_default=False)]
 ) -> None:
     """Check a dataset's files in FOLDER against the pinned sha256 (exit 2 naming a file that differs)."""
-    from fedmmkt_plugins.fetch import render, verify
+    from fedmmkt_plugins.datasets.fetch import render, verify
 
     out.print(render(_guard(verify, dataset, folder), verb="verified"))
 

@@ -162,3 +162,8 @@ def load_sealed_tensors(path: Path, what: str) -> dict[str, np.ndarray] | None:
     warn_rebuild(what, path, problem)
     discard(path)
     return None
+
+
+def cache_dir() -> Path:
+    """Where expensive artefacts (pre-trained generators, oracles) are cached: ``$FEDMMKT_CACHE``."""
+    return Path(os.environ.get("FEDMMKT_CACHE", Path.home() / ".cache" / "fedmmkt"))

@@ -22,9 +22,10 @@ from .data import DataSplits, DistillSet, ImageSet, TaskSpec
 from .errors import ClientFailure, DataError, RecipeIssue
 
 if TYPE_CHECKING:
-    from .context import ServerContext
+    from fedmmkt_core.server.context import ServerContext
+    from fedmmkt_core.server.runner import Runner
+
     from .recipe import Recipe
-    from .runner import Runner
     from .wire import Message
 
 
@@ -127,7 +128,7 @@ class ClientModel(Component):
         the temperature. With ``T = distill.temperature`` the expected term is
         ``distill.weight * T² * KL(soft_labels || softmax(student_logits / T))``, averaged over the
         distillation batch: the student is softened by T, and T² keeps the gradient's size independent
-        of T. ``fedmmkt_plugins.torch_classifier.TorchClassifier`` implements exactly this.
+        of T. ``fedmmkt_plugins.clients.torch_classifier.TorchClassifier`` implements exactly this.
         """
 
     @abstractmethod

@@ -10,7 +10,7 @@ from fedmmkt_cli.main import app
 from typer.testing import CliRunner
 
 from fedmmkt_core.client import ClientFactory
-from fedmmkt_core.clientdata import read_client_folder
+from fedmmkt_core.client.folder import read_client_folder
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.recipe import load_recipe
 

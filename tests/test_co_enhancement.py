@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.algorithm_fedmmkt import FedMMKT
-from fedmmkt_plugins.dataset_typeset_digits import TypesetDigitsDataset
+from fedmmkt_plugins.algorithms.fedmmkt import FedMMKT
+from fedmmkt_plugins.datasets.typeset_digits import TypesetDigitsDataset
 from test_fedmmkt import RECIPE
 
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.loading import load_server_data
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 from fedmmkt_core.wire import Message
 
 
@@ -78,8 +78,8 @@ def test_the_no_feedback_control_fine_tunes_on_as_many_pairs_as_fedmmkt_keeps():
     all counted as aligned, so the generator runs the same steps on the same number of pairs."""
     from types import SimpleNamespace
 
-    from fedmmkt_plugins.algorithm_fedmmkt_no_feedback import FedMMKTNoFeedback
-    from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
+    from fedmmkt_plugins.algorithms.fedmmkt_no_feedback import FedMMKTNoFeedback
+    from fedmmkt_plugins.losses.weighted_denoising import WeightedDenoisingLoss
 
     from fedmmkt_core.data import TaskSpec
     from fedmmkt_core.interfaces import AlignmentBatch
@@ -207,7 +207,7 @@ def test_ceiling_generator_clients_see_only_the_generator_fine_tuned_on_pooled_r
 
 
 def test_sharpened_feddf_divides_the_ensembles_temperature_and_ignores_the_prompt():
-    from fedmmkt_plugins.algorithm_feddf_sharpened import FedDFSharpened
+    from fedmmkt_plugins.algorithms.feddf_sharpened import FedDFSharpened
 
     algorithm = FedDFSharpened(FedDFSharpened.Config(sharpen=0.5, kd_temperature=2.0))
     logits = {0: np.array([[2.0, 0.0, 0.0]], np.float32), 1: np.array([[0.0, 0.0, 0.0]], np.float32)}

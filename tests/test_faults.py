@@ -10,7 +10,7 @@ from test_fedmmkt import RECIPE
 
 from fedmmkt_core.faults import FaultSpec
 from fedmmkt_core.recipe import load_recipe, parse_recipe
-from fedmmkt_core.runner import RunFailed, Runner
+from fedmmkt_core.server.runner import RunFailed, Runner
 
 HONEST = "  - {name: cnn, count: 3, params: {channels: [8, 16], hidden: 32, lr: 0.003}}"
 FAULTS = ["raise", "dropout", "slow", "nan", "inf", "wrong_shape", "huge"]
@@ -29,7 +29,7 @@ def faulty_recipe(faults: list[str], honest: int = 2, min_clients: int = 1, time
 
 
 def test_every_fault_is_rejected_with_its_reason_and_the_rounds_go_on(tmp_path, monkeypatch):
-    from fedmmkt_plugins.algorithm_fedmmkt import FedMMKT
+    from fedmmkt_plugins.algorithms.fedmmkt import FedMMKT
 
     aggregated = []  # whose logits reached the soft labels the generator and the clients learn from
     original = FedMMKT.aggregate

@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.client_cnn import CNNClient, CNNConfig
-from fedmmkt_plugins.dataset_digits import DigitsDataset
-from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+from fedmmkt_plugins.clients.cnn import CNNClient, CNNConfig
+from fedmmkt_plugins.datasets.digits import DigitsDataset
+from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 
 from fedmmkt_core.client import ClientRuntime
 from fedmmkt_core.errors import RecipeError
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 from fedmmkt_core.testing import digits_sample
 from fedmmkt_core.wire import Message
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedmmkt_plugins.flower import LocalFederation  # noqa: E402
+from fedmmkt_plugins.backends.flower import LocalFederation  # noqa: E402
 from test_flower import (  # noqa: E402
     THREE_CLIENTS,
     _read,
@@ -72,7 +72,7 @@ def test_killed_supernode_fails_the_run_clearly_below_min_clients(tmp_path, fede
 
 
 def test_unreachable_superlink_is_a_clear_error(tmp_path):
-    from fedmmkt_plugins.flower import free_port
+    from fedmmkt_plugins.backends.flower import free_port
 
     address = f"127.0.0.1:{free_port()}"
     result = run_cli([*THREE_CLIENTS, f'backend={{name: flower, params: {{superlink: "{address}"}}}}'], tmp_path / "r")
@@ -83,7 +83,7 @@ def test_unreachable_superlink_is_a_clear_error(tmp_path):
 def test_missing_flwr_gives_the_install_hint(monkeypatch):
     import builtins
 
-    from fedmmkt_plugins.flower import require_flwr
+    from fedmmkt_plugins.backends.flower import require_flwr
 
     from fedmmkt_core.errors import MissingDependencyError
 
@@ -125,7 +125,7 @@ def test_federation_up_command_starts_and_stops_its_processes(tmp_path):
 
 def test_node_client_state_claims_discards_and_ignores_an_older_run(tmp_path):
     import numpy as np
-    from fedmmkt_plugins.flower.client_app import NodeClientState
+    from fedmmkt_plugins.backends.flower.client_app import NodeClientState
 
     from fedmmkt_core.errors import UserError
 
@@ -149,8 +149,8 @@ def test_node_client_state_claims_discards_and_ignores_an_older_run(tmp_path):
 
 
 def test_the_round_record_is_validated():
-    from fedmmkt_plugins.flower import to_records
-    from fedmmkt_plugins.flower.codec import ROUND_RECORD, round_from_records
+    from fedmmkt_plugins.backends.flower import to_records
+    from fedmmkt_plugins.backends.flower.codec import ROUND_RECORD, round_from_records
     from flwr.app import ConfigRecord, RecordDict
 
     from fedmmkt_core.wire import Message, MessageError

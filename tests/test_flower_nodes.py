@@ -10,7 +10,7 @@ from fedmmkt_cli.main import app
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedmmkt_plugins.flower import LocalFederation  # noqa: E402,F401
+from fedmmkt_plugins.backends.flower import LocalFederation  # noqa: E402,F401
 from test_flower import (  # noqa: E402
     SMOKE,
     THREE_CLIENTS,

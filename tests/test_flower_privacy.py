@@ -19,11 +19,11 @@ from fedmmkt_core.wire import Message
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedmmkt_plugins.flower import LocalFederation  # noqa: E402
-from fedmmkt_plugins.flower.backend import REPLIES_FOLDER, WIRE_FILE  # noqa: E402
-from fedmmkt_plugins.flower.client_app import handle_client  # noqa: E402
-from fedmmkt_plugins.flower.codec import from_records, to_records  # noqa: E402
-from fedmmkt_plugins.flower.packaging import client_run_config  # noqa: E402
+from fedmmkt_plugins.backends.flower import LocalFederation  # noqa: E402
+from fedmmkt_plugins.backends.flower.backend import REPLIES_FOLDER, WIRE_FILE  # noqa: E402
+from fedmmkt_plugins.backends.flower.client_app import handle_client  # noqa: E402
+from fedmmkt_plugins.backends.flower.codec import from_records, to_records  # noqa: E402
+from fedmmkt_plugins.backends.flower.packaging import client_run_config  # noqa: E402
 
 DP = "privacy: {noise_multiplier: 1.0, clip_norm: 5.0}\n"
 SPEC = SoftLabelPrivacy(noise_multiplier=1.0, clip_norm=5.0)

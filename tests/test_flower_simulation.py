@@ -14,11 +14,11 @@ from fedmmkt_cli.main import app
 from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import load_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
-from fedmmkt_plugins.flower import SIM_TOKEN, processes_with_token  # noqa: E402
+from fedmmkt_plugins.backends.flower import SIM_TOKEN, processes_with_token  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
 THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2"]

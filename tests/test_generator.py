@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fedmmkt_plugins.generator_sd_lora import (
+from fedmmkt_plugins.generators.sd_lora import (
     SDLoraGenerator,
     TinyPipelineConfig,
     build_tiny_pipeline,
 )
-from fedmmkt_plugins.loss_weighted_denoising import WeightedDenoisingLoss
+from fedmmkt_plugins.losses.weighted_denoising import WeightedDenoisingLoss
 
 from fedmmkt_core.errors import DataError, UserError
 from fedmmkt_core.testing import tiny_generator_task
@@ -227,7 +227,7 @@ def alignment_pool(task, public, count=24):
 
 
 def test_latent_cache_gives_bitwise_identical_lora_weights_with_fewer_vae_encodes(tmp_path):
-    from fedmmkt_plugins.loss_relabel_denoising import RelabelDenoisingLoss
+    from fedmmkt_plugins.losses.relabel_denoising import RelabelDenoisingLoss
 
     public, task = tiny_generator_task()
     batch = alignment_pool(task, public)
@@ -250,7 +250,7 @@ def test_latent_cache_gives_bitwise_identical_lora_weights_with_fewer_vae_encode
 
 
 def test_new_options_have_todays_defaults_and_are_validated():
-    from fedmmkt_plugins.loss_ensemble_ce import EnsembleCELoss
+    from fedmmkt_plugins.losses.ensemble_ce import EnsembleCELoss
     from pydantic import ValidationError
 
     cfg = SDLoraGenerator.Config()
@@ -279,7 +279,7 @@ def test_checkpointing_and_sliced_attention_train_the_same_adapter():
 
 
 def test_ensemble_ce_decodes_at_its_configured_resolution():
-    from fedmmkt_plugins.loss_ensemble_ce import EnsembleCELoss
+    from fedmmkt_plugins.losses.ensemble_ce import EnsembleCELoss
 
     generator, task = built()
     public, _ = tiny_generator_task()
@@ -308,7 +308,7 @@ def test_ensemble_ce_decodes_at_its_configured_resolution():
 
 
 def test_pretraining_options_change_the_base_and_its_cache_key(tmp_path, monkeypatch):
-    from fedmmkt_plugins.generator_sd_lora import PretrainConfig
+    from fedmmkt_plugins.generators.sd_lora import PretrainConfig
 
     # options added later stay out of the cache key at their defaults, so earlier caches stay valid
     assert set(PretrainConfig().cache_fields()) == {"vae_steps", "steps", "batch_size", "lr", "caption_dropout"}
@@ -367,7 +367,7 @@ def test_fine_tuning_feeds_the_tiny_unet_the_posterior_means_it_was_pre_trained_
 
 
 def test_a_saved_pipeline_folder_says_which_latents_it_was_pre_trained_on(tmp_path):
-    from fedmmkt_plugins.generator_sd_lora import PRETRAIN_MARKER, pretraining_latents
+    from fedmmkt_plugins.generators.sd_lora import PRETRAIN_MARKER, pretraining_latents
 
     generator, task = built()
     assert (generator.base_path / PRETRAIN_MARKER).is_file()  # the toolkit's own pre-training marks its folder

@@ -4,11 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from fedmmkt_plugins.client_resnet import ResNetClient, ResNetClientConfig
-from fedmmkt_plugins.client_vit import ViTClient, ViTClientConfig
+from fedmmkt_plugins.clients.resnet import ResNetClient, ResNetClientConfig
+from fedmmkt_plugins.clients.vit import ViTClient, ViTClientConfig
 
 from fedmmkt_core.recipe import load_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 from fedmmkt_core.testing import digits_sample
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
@@ -66,7 +66,7 @@ def test_one_recipe_mixes_architectures(tmp_path):
 
 
 def test_fit_converting_the_whole_set_once_equals_converting_batch_by_batch(monkeypatch):
-    from fedmmkt_plugins import torch_classifier
+    from fedmmkt_plugins.clients import torch_classifier
 
     from fedmmkt_core.data import DistillSet
 

@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.dataset_hf import HFDiskConfig, HFDiskDataset
+from fedmmkt_plugins.datasets.hf_disk import HFDiskConfig, HFDiskDataset
 
-import fedmmkt_core.testing
+import fedmmkt_core.testing.base
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.plugins import Registration, Registry, get_registry
 from fedmmkt_core.testing import DatasetTests, digits_sample
@@ -205,7 +205,10 @@ def test_config_checks():
 
 
 def test_module_import_does_not_import_datasets():
-    code = "import sys, fedmmkt_plugins.dataset_hf; assert 'datasets' not in sys.modules and 'PIL' not in sys.modules"
+    code = (
+        "import sys, fedmmkt_plugins.datasets.hf_disk; "
+        "assert 'datasets' not in sys.modules and 'PIL' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -223,4 +226,4 @@ class TestHFDiskConformance(DatasetTests):
         for registration in real:
             registry.add(registration)
         registry.add(Registration("dataset", self.name, HFDiskDataset, "fedmmkt", "test"))
-        monkeypatch.setattr(fedmmkt_core.testing, "get_registry", lambda refresh=False: registry)
+        monkeypatch.setattr(fedmmkt_core.testing.base, "get_registry", lambda refresh=False: registry)

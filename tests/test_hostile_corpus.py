@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import load_recipe, parse_recipe
 from fedmmkt_core.rundir import LOCK_FILE, RunLock
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 from fedmmkt_core.wire import Message, MessageError, check_reply_fields
 
 cli = CliRunner()
@@ -244,7 +244,7 @@ def test_any_failure_before_round_1_removes_the_run_directory(tmp_path, monkeypa
     def broken(recipe):
         raise RuntimeError("a bug in set-up")
 
-    monkeypatch.setattr("fedmmkt_core.runner.load_server_data", broken)
+    monkeypatch.setattr("fedmmkt_core.server.runner.load_server_data", broken)
     with pytest.raises(RuntimeError, match="a bug in set-up"):
         Runner(load_recipe(local_recipe(tmp_path)), tmp_path / "run").run()
     assert not (tmp_path / "run").exists()
@@ -367,7 +367,7 @@ def test_hostile_image_folder(tmp_path, damage, fragment):
 
 def test_hf_disk_decompression_bomb_is_named(tmp_path):
     hf = pytest.importorskip("datasets")
-    from fedmmkt_plugins.dataset_hf import HFDiskConfig, HFDiskDataset
+    from fedmmkt_plugins.datasets.hf_disk import HFDiskConfig, HFDiskDataset
 
     from fedmmkt_core.errors import DataError
 

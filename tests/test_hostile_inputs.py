@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import parse_recipe
 from fedmmkt_core.rundir import sha256_file
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 cli = CliRunner()
 

@@ -24,7 +24,7 @@ from fedmmkt_core.hookspecs import hookimpl
 from fedmmkt_core.plugins import PluginManager
 from fedmmkt_core.privacy import PrivacyLedger, PrivacyRefused, SoftLabelPrivacy
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import RunFailed, Runner
+from fedmmkt_core.server.runner import RunFailed, Runner
 from fedmmkt_core.wire import Message
 
 SPEC = SoftLabelPrivacy(noise_multiplier=1.0)

@@ -10,9 +10,9 @@ import tracemalloc
 import numpy as np
 import pytest
 from fedmmkt_cli.main import app
-from fedmmkt_plugins import dataset_idx
-from fedmmkt_plugins import fetch as fetch_module
-from fedmmkt_plugins.dataset_idx import IDXConfig, IDXDataset, fit_images
+from fedmmkt_plugins.datasets import fetch as fetch_module
+from fedmmkt_plugins.datasets import idx as dataset_idx
+from fedmmkt_plugins.datasets.idx import IDXConfig, IDXDataset, fit_images
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -375,7 +375,7 @@ def test_the_fashion_recipe_validates_and_loads_32x32_splits(tmp_path):
     its splits are 28x28 padded to 32x32, and its tiny generator's VAE and UNet divide that size."""
     from pathlib import Path
 
-    from fedmmkt_plugins.generator_sd_lora import SDLoraConfig
+    from fedmmkt_plugins.generators.sd_lora import SDLoraConfig
 
     from fedmmkt_core.recipe import load_recipe
 

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.dataset_imagefolder import ImageFolderConfig, ImageFolderDataset
+from fedmmkt_plugins.datasets.imagefolder import ImageFolderConfig, ImageFolderDataset
 from PIL import Image
 
 from fedmmkt_core.errors import DataError

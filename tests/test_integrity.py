@@ -21,7 +21,7 @@ from test_imagefolder import write_folder
 from fedmmkt_core.cache import MANIFEST, CacheWarning, folder_problem, tensors_sha256
 from fedmmkt_core.recipe import load_recipe
 from fedmmkt_core.rundir import LOCK_FILE, remove_new_paths, snapshot
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 TIMING = re.compile(r'"seconds_[a-z_]+": [-0-9.e+]+(, )?')
 
@@ -307,7 +307,7 @@ def test_scaled_cached_generator_weights_are_rebuilt_with_a_warning(tmp_path, mo
 
 @pytest.fixture(scope="module")
 def digits_oracle_split():
-    from fedmmkt_plugins.dataset_digits import DigitsConfig, DigitsDataset
+    from fedmmkt_plugins.datasets.digits import DigitsConfig, DigitsDataset
 
     return DigitsDataset(DigitsConfig(oracle_fraction=0.1)).load(seed=0)
 
@@ -315,7 +315,7 @@ def digits_oracle_split():
 def test_zeroed_cached_oracle_weights_are_rebuilt_with_a_warning(digits_oracle_split, tmp_path):
     """Zeroed oracle weights (hash kept in the metadata) used to give generator_fid 0.0: now the oracle
     is trained again, with a warning, and labels images exactly as before."""
-    from fedmmkt_plugins.oracle import EvaluationOracle
+    from fedmmkt_plugins.evaluation.oracle import EvaluationOracle
 
     splits = digits_oracle_split
     first = EvaluationOracle(splits.oracle, splits.task, tmp_path, seed=0, epochs=2)
@@ -330,7 +330,7 @@ def test_zeroed_cached_oracle_weights_are_rebuilt_with_a_warning(digits_oracle_s
 
 def test_an_oracle_cached_without_a_hash_is_rebuilt(digits_oracle_split, tmp_path):
     """An oracle cached by an older fedmmkt (no hash in its metadata) is trained again, not trusted."""
-    from fedmmkt_plugins.oracle import EvaluationOracle
+    from fedmmkt_plugins.evaluation.oracle import EvaluationOracle
 
     splits = digits_oracle_split
     first = EvaluationOracle(splits.oracle, splits.task, tmp_path, seed=0, epochs=2)

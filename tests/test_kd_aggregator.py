@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.aggregator_kd import KDAggregator, KDConfig
+from fedmmkt_plugins.aggregators.kd import KDAggregator, KDConfig
 
 from fedmmkt_core.interfaces import ClientReply
 

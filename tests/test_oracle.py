@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.dataset_digits import DigitsConfig, DigitsDataset
-from fedmmkt_plugins.oracle import EvaluationOracle, frechet_distance
+from fedmmkt_plugins.datasets.digits import DigitsConfig, DigitsDataset
+from fedmmkt_plugins.evaluation.oracle import EvaluationOracle, frechet_distance
 
 from fedmmkt_core.errors import DataError
 
@@ -48,7 +48,7 @@ def test_no_oracle_split_is_a_clear_error(splits, tmp_path):
 
 
 def test_selection_and_report_oracles_split_the_oracle_data_class_by_class():
-    from fedmmkt_plugins.oracle import oracle_half
+    from fedmmkt_plugins.evaluation.oracle import oracle_half
 
     from fedmmkt_core.data import ImageSet
 

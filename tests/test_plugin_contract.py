@@ -18,7 +18,7 @@ from fedmmkt_core.interfaces import Aggregator, Generator, Logger
 from fedmmkt_core.outputs import check_metrics, check_soft_labels
 from fedmmkt_core.plugins import PluginManager
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import RunFailed, Runner
+from fedmmkt_core.server.runner import RunFailed, Runner
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
 runner = CliRunner()
@@ -91,7 +91,7 @@ def fast_recipe(aggregator="kd", loggers="[]", **kwargs):
 
 def test_capabilities_are_what_a_generator_overrides():
     from fedmmkt_example_plugin.class_prototypes import ClassPrototypesGenerator
-    from fedmmkt_plugins.generator_sd_lora import SDLoraGenerator
+    from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 
     assert SDLoraGenerator.capabilities() == {"generate_base", "denoise"}
     assert ClassPrototypesGenerator.capabilities() == {"denoise"}
@@ -253,7 +253,7 @@ ROWS = [
 
 
 def _run_dir_with_grids(tmp_path: Path) -> Path:
-    from fedmmkt_plugins.sample_grid import save_sample_grid
+    from fedmmkt_plugins.evaluation.sample_grid import save_sample_grid
 
     run_dir = tmp_path / "run"
     images = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
@@ -270,7 +270,7 @@ def _lifecycle(logger, run_dir: Path, resolved: dict) -> None:
 
 
 def test_tensorboard_event_files_read_back(tmp_path):
-    from fedmmkt_plugins.logger_tensorboard import TensorBoardLogger
+    from fedmmkt_plugins.loggers.tensorboard import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
     run_dir = _run_dir_with_grids(tmp_path)
@@ -284,7 +284,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
 
 
 def test_mlflow_store_reads_back(tmp_path):
-    from fedmmkt_plugins.logger_mlflow import MLflowConfig, MLflowLogger
+    from fedmmkt_plugins.loggers.mlflow import MLflowConfig, MLflowLogger
     from mlflow.tracking import MlflowClient
 
     run_dir = _run_dir_with_grids(tmp_path)
@@ -305,7 +305,7 @@ def test_mlflow_store_reads_back(tmp_path):
 
 
 def test_missing_tracker_package_is_a_validate_error_with_the_install_hint(monkeypatch):
-    import fedmmkt_plugins.logger_tensorboard as module
+    import fedmmkt_plugins.loggers.tensorboard as module
 
     monkeypatch.setattr(module, "missing", lambda *names: ["tensorboard"])
     text = SMOKE.read_text().replace("- name: console", "- name: tensorboard")

@@ -117,7 +117,7 @@ def test_unknown_name_suggests_closest():
 
 def test_core_and_plugins_import_without_heavy_libraries():
     code = (
-        "import sys, fedmmkt_core.recipe, fedmmkt_core.runner, fedmmkt_core.testing\n"
+        "import sys, fedmmkt_core.recipe, fedmmkt_core.server.runner, fedmmkt_core.testing\n"
         "import fedmmkt_plugins, fedmmkt_cli.main\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft', 'flwr') if m in sys.modules]\n"
         "print(heavy)\n"

@@ -10,7 +10,7 @@ from test_fedmmkt import RECIPE
 from fedmmkt_core.errors import RecipeError
 from fedmmkt_core.privacy import SoftLabelPrivacy
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 
 def test_rows_are_clipped_to_the_norm_and_noise_has_the_stated_std():

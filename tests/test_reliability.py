@@ -14,7 +14,7 @@ from test_hostile_inputs import local_recipe
 
 from fedmmkt_core.faults import CRASH_ENV
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
 TIMING = re.compile(r'"seconds_[a-z_]+": [-0-9.e+]+(, )?')

@@ -6,7 +6,7 @@ from fedmmkt_cli.main import app
 from typer.testing import CliRunner
 
 from fedmmkt_core.recipe import load_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.runner import Runner
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
 runner = CliRunner()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fedmmkt_core.hookspecs import hookimpl
 from fedmmkt_core.plugins import PluginManager
 from fedmmkt_core.recipe import load_recipe, parse_recipe
-from fedmmkt_core.runner import RunFailed, Runner
+from fedmmkt_core.server.runner import RunFailed, Runner
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMOKE = EXAMPLES / "smoke.yaml"

@@ -11,18 +11,18 @@ import weakref
 
 import numpy as np
 import pytest
-from fedmmkt_plugins.algorithm_local import LocalOnly
+from fedmmkt_plugins.algorithms.local import LocalOnly
 from test_fedmmkt import RECIPE
 
 from fedmmkt_core.client import ClientFactory
-from fedmmkt_core.context import ServerContext
 from fedmmkt_core.errors import UserError
 from fedmmkt_core.hookspecs import hookimpl
 from fedmmkt_core.interfaces import Logger
 from fedmmkt_core.loading import load_data
 from fedmmkt_core.plugins import PluginManager
 from fedmmkt_core.recipe import parse_recipe
-from fedmmkt_core.runner import Runner
+from fedmmkt_core.server.context import ServerContext
+from fedmmkt_core.server.runner import Runner
 
 seen: list[ServerContext] = []
 
@@ -219,7 +219,7 @@ class WalkingAlgorithm(LocalOnly):
     before they are evaluated."""
 
     def run_round(self, ctx: ServerContext, round_index: int) -> dict:
-        from fedmmkt_plugins import backend_inprocess
+        from fedmmkt_plugins.backends import inprocess as backend_inprocess
 
         metrics = super().run_round(ctx, round_index)
         sides = dict(backend_inprocess._CLIENT_SIDES)

@@ -1,0 +1,1 @@
+"""Aggregators: how the server combines the clients' soft labels into distillation targets."""

@@ -1,0 +1,413 @@
+"""FedMMKT: the server's text-to-image model and the clients' task models teach each other.
+
+One round: synthesize a class-balanced set S_r with the generator; every sampled
+client trains on its private data plus KD on last round's set with last round's soft labels, then
+returns logits on S_r; the KD aggregator turns them into soft labels q_r; the alignment a_j = q_r[j, c_j]
+tells which images really show their prompt; the generator's LoRA is fine-tuned with the recipe's
+alignment losses. Only synthetic images, soft labels and logits cross the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from fedmmkt_plugins.aggregators.kd import KDAggregator
+from pydantic import Field
+
+from fedmmkt_core.cache import cache_dir
+from fedmmkt_core.errors import RecipeIssue
+from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
+from fedmmkt_core.outputs import check_metrics, check_soft_labels
+from fedmmkt_core.paths import check_allocation
+from fedmmkt_core.recipe import Recipe
+from fedmmkt_core.seeding import derive_seed
+from fedmmkt_core.server.context import ServerContext
+from fedmmkt_core.wire import Message, MessageError
+
+# Trained classifiers' logits stay within tens; a reply far beyond is broken or hostile.
+MAX_ABS_LOGIT = 1000.0
+
+
+class FedMMKTConfig(ComponentConfig):
+    samples_per_class: int = Field(30, ge=1, le=10_000, description="synthetic pairs per class per round")
+    kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
+    kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
+    logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
+    alignment_threshold: float = Field(0.5, ge=0, le=1, description="a_j at or above this counts as aligned")
+    base_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="transfer_policy 'fixed': share of each class's synthetic pairs drawn from the frozen base "
+        "generator (adapter off) for the clients' transfer set, the rest from the adapted generator; "
+        "'judged': the first round's share. The adapter is fine-tuned on them all the same. 0 needs no "
+        "generate_base",
+    )
+    transfer_policy: Literal["fixed", "judged"] = Field(
+        "fixed",
+        description="who draws each class's transfer images. fixed: base_fraction of them the frozen base, the "
+        "rest the adapter. judged: the clients judge the adapter's images against the base's every round (the "
+        "alignment a_j of each source's images of a class, from the same upload) and the next round's adapter "
+        "share of that class is sigmoid((a_adapter - a_base) / judge_temperature), kept within "
+        "[probe_fraction, 1 - probe_fraction] so both sources are judged every round (on-policy feedback). "
+        "Needs generate_base",
+    )
+    probe_fraction: float = Field(
+        0.2, ge=0, le=0.5, description="judged: least share of each class's images from either source"
+    )
+    judge_temperature: float = Field(
+        0.1, gt=0, description="judged: how sharply a difference in the clients' agreement moves the share"
+    )
+    replay_buffer: int = Field(
+        2000,
+        ge=0,
+        description="synthetic pairs of earlier rounds kept with their soft labels: the generator is fine-tuned "
+        "on them again and the clients distil on all of them (a growing, diverse set keeps the generator from "
+        "collapsing onto a few aligned samples); 0 = only the last round's set",
+    )
+    client_targets: Literal["ensemble", "prompt", "agreed"] = Field(
+        "agreed",
+        description="what clients distil on the synthetic set: 'ensemble' the federation's soft labels q_j "
+        "(FedDF's target); 'prompt' mixes in the class c_j each image was generated for, on every image; "
+        "'agreed' mixes it in only where the federation agrees the image shows c_j (its top class is c_j) or "
+        "where no reporting client holds c_j (so the ensemble cannot know it): the server's knowledge of what "
+        "it asked for, trusted where nothing contradicts it",
+    )
+    prompt_weight: float = Field(
+        1.0, ge=0, le=1, description="β: a trusted image's target is (1-β)·q_j + β·onehot(c_j)"
+    )
+    evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
+    eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
+    grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
+
+
+class FedMMKT(Algorithm):
+    """Co-enhancement of a server generator and heterogeneous client models."""
+
+    Config = FedMMKTConfig
+    config: FedMMKTConfig
+    needs_generator = True
+    uploads_soft_labels = True
+    update_generator: ClassVar[bool] = True
+    client_feedback: ClassVar[bool] = True
+    previous: tuple[np.ndarray, np.ndarray] | None = None
+    replay: AlignmentBatch | None = None
+    initial: dict[str, float] | None = None
+    latest: dict[str, float] | None = None
+    adapter_share: np.ndarray | None = None  # judged policy: next round's share of adapter images per class
+
+    def generator_requirements(self) -> dict[str, str]:
+        if self.config.transfer_policy == "judged":
+            return {"generate_base": "params.transfer_policy"}
+        return {"generate_base": "params.base_fraction"} if self.config.base_fraction > 0 else {}
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
+        issues = []
+        name = recipe.algorithm.name
+        if cls.update_generator and not recipe.alignment_losses:
+            issues.append(
+                RecipeIssue(
+                    "alignment_losses",
+                    f"algorithm '{name}' fine-tunes the generator and needs at least one alignment loss "
+                    "(e.g. - name: weighted-denoising)",
+                )
+            )
+        return issues
+
+    # ------------------------------------------------------------------ set-up and state
+    def setup(self, ctx: ServerContext) -> None:
+        task = ctx.task
+        self.class_prompts = [task.prompt(c) for c in range(task.num_classes)]
+        self.privacy = ctx.recipe.privacy
+        self.aggregator = ctx.aggregator if ctx.aggregator is not None else KDAggregator()
+        self.previous = None
+        self.replay = None
+        self.initial = None
+        self.latest = None
+        self.adapter_share = None
+        self.oracle = None
+        if self.config.evaluate_generator:
+            from fedmmkt_plugins.evaluation.oracle import EvaluationOracle, oracle_half
+
+            # Choices are made on the validation split with the selection oracle; the test split's figures
+            # come from the report oracle, trained on the other half of the oracle data.
+            self.oracle_purpose = "selection" if ctx.recipe.data.evaluate_on == "validation" else "report"
+            self.oracle = EvaluationOracle(
+                oracle_half(ctx.data.oracle, self.oracle_purpose) if ctx.data.oracle is not None else None,
+                task,
+                cache_dir(),
+                seed=ctx.seed_for("oracle", self.oracle_purpose),
+            )
+            self.reference_features = self.oracle.features(ctx.data.evaluation.images)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        values: dict[str, Any] = {"initial": self.initial, "latest": self.latest}
+        arrays = {}
+        if self.previous is not None:
+            arrays = {"previous_images": self.previous[0], "previous_soft_labels": self.previous[1]}
+        if self.adapter_share is not None:
+            arrays["adapter_share"] = self.adapter_share
+        if self.replay is not None:
+            values.update({"replay_prompts": self.replay.prompts, "class_prompts": self.replay.class_prompts})
+            arrays.update(
+                {
+                    "replay_images": self.replay.images,
+                    "replay_class_ids": self.replay.class_ids,
+                    "replay_soft_labels": self.replay.soft_labels,
+                }
+            )
+        return values, arrays
+
+    def load_state(self, values: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.initial = values.get("initial")
+        self.latest = values.get("latest")
+        self.adapter_share = arrays.get("adapter_share")
+        if "previous_images" in arrays:
+            self.previous = (arrays["previous_images"], arrays["previous_soft_labels"])
+        if "replay_images" in arrays:
+            self.replay = AlignmentBatch(
+                arrays["replay_images"],
+                list(values["replay_prompts"]),
+                arrays["replay_class_ids"],
+                arrays["replay_soft_labels"],
+                list(values["class_prompts"]),
+            )
+
+    # ------------------------------------------------------------------ one round
+    def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
+        cfg = self.config
+        generator = ctx.generator
+        assert generator is not None
+        if self.config.evaluate_generator and self.initial is None:
+            self.initial = self._generator_metrics(ctx, 0)
+            self.latest = self.initial
+        num_classes = ctx.task.num_classes
+        class_ids = np.repeat(np.arange(num_classes), cfg.samples_per_class)
+        prompts = [self.class_prompts[c] for c in class_ids]
+        with ctx.phase("synthesize"):
+            seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
+            from_base = self.base_mask(class_ids)
+            shape = (len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels)
+            what = f"{len(prompts)} synthetic images ({cfg.samples_per_class} per class) of {shape[1]}x{shape[2]}"
+            check_allocation(int(np.prod(shape)), what)  # samples_per_class x image_size: refused, not MemoryError
+            images = np.zeros(shape, np.uint8)
+            for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
+                chosen = np.flatnonzero(mask)
+                if len(chosen):
+                    images[chosen] = draw([prompts[j] for j in chosen], [seeds[j] for j in chosen])
+        messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
+        replies = ctx.exchange(
+            "fit", messages, expect="fit_reply", validate=lambda k, reply: self._check_logits(reply, len(images))
+        )
+        with ctx.phase("aggregate"):
+            soft_labels = check_soft_labels(
+                self.aggregate(round_index, replies), (len(images), num_classes), self._aggregator_name(ctx)
+            )
+            targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
+        batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
+        metrics: dict[str, Any] = {
+            **mean_train_loss(replies),
+            "synthetic_images": len(images),
+            "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
+            "alignment_mean": float(np.mean(batch.alignment)),
+        }
+        if self.config.client_targets != "ensemble":
+            metrics["prompt_trusted_rate"] = float(np.mean(trusted))
+        metrics.update(self.judge_sources(batch.alignment, class_ids, from_base))
+        excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
+        if excluded:
+            metrics["kd_excluded"] = list(excluded)
+        seen = batch if self.replay is None else concatenate(self.replay, batch)
+        if self.update_generator:
+            training = self.generator_training_batch(ctx, seen, round_index)
+            with ctx.phase("generator_update"):
+                update = generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
+                metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
+        if cfg.replay_buffer > 0:
+            self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
+        self.previous = (images, targets)
+        return metrics
+
+    def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
+        """Which of this round's transfer images the frozen base draws (the rest: the adapter). Prompts come
+        in class blocks; within a class the first ones are the base's."""
+        cfg = self.config
+        per_class = cfg.samples_per_class
+        position_in_class = np.arange(len(class_ids)) % per_class
+        if cfg.transfer_policy == "fixed" or self.adapter_share is None:
+            return position_in_class < round(cfg.base_fraction * per_class)
+        base_count = per_class - np.round(self.adapter_share * per_class).astype(int)
+        return position_in_class < base_count[class_ids]
+
+    def judge_sources(self, alignment: np.ndarray, class_ids: np.ndarray, from_base: np.ndarray) -> dict[str, float]:
+        """How the clients judged the adapter's images against the base's this round (the server's on-policy
+        feedback on its own generator); under the judged policy, next round's adapter share per class."""
+        cfg = self.config
+        metrics: dict[str, float] = {"adapter_images": float(np.sum(~from_base))}
+        if from_base.any():
+            metrics["alignment_base"] = float(np.mean(alignment[from_base]))
+        if (~from_base).any():
+            metrics["alignment_adapter"] = float(np.mean(alignment[~from_base]))
+        if cfg.transfer_policy != "judged":
+            return metrics
+        num_classes = len(self.class_prompts)
+        share = (
+            np.full(num_classes, 1.0 - cfg.base_fraction) if self.adapter_share is None else self.adapter_share.copy()
+        )
+        for c in range(num_classes):
+            adapter, base = (class_ids == c) & ~from_base, (class_ids == c) & from_base
+            if adapter.any() and base.any():  # a class judged on one source only keeps its share
+                margin = float(np.mean(alignment[adapter]) - np.mean(alignment[base]))
+                share[c] = 1.0 / (1.0 + np.exp(-margin / cfg.judge_temperature))
+        self.adapter_share = np.clip(share, cfg.probe_fraction, 1.0 - cfg.probe_fraction)
+        metrics["adapter_share_next"] = float(np.mean(self.adapter_share))
+        return metrics
+
+    def distill_targets(
+        self, soft_labels: np.ndarray, class_ids: np.ndarray, replies: dict[int, Message]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The clients' distillation targets on the synthetic set and which images trusted the prompt.
+
+        The ensemble ``q`` knows what the clients know; the server knows which class each image was
+        generated for. ``agreed`` trusts the prompt where the ensemble's top class is the prompt's
+        (two independent sources agree) or where no reporting client holds the prompt's class (the
+        ensemble cannot know it; only without DP, when clients report class counts).
+        """
+        cfg = self.config
+        num_classes = soft_labels.shape[1]
+        if cfg.client_targets == "ensemble" or cfg.prompt_weight == 0:
+            return soft_labels, np.zeros(len(class_ids), bool)
+        if cfg.client_targets == "prompt":
+            trusted = np.ones(len(class_ids), bool)
+        else:
+            trusted = np.argmax(soft_labels, axis=1) == class_ids
+            counts = [r.arrays["class_counts"] for r in replies.values() if "class_counts" in r.arrays]
+            if counts:
+                held = np.sum(counts, axis=0) > 0
+                trusted |= ~held[class_ids]
+        one_hot = np.eye(num_classes, dtype=np.float32)[class_ids]
+        beta = cfg.prompt_weight * trusted[:, None].astype(np.float32)
+        return ((1 - beta) * soft_labels + beta * one_hot).astype(np.float32), trusted
+
+    def generator_training_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
+        """What the generator's LoRA is fine-tuned on this round: every pair seen with the clients' soft labels
+        (the control without client feedback: as many pairs, uniformly drawn, all aligned). Variants override
+        it (e.g. the ceiling generator's pooled real images)."""
+        return seen if self.client_feedback else self._control_batch(ctx, seen, round_index)
+
+    def _control_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
+        """The no-feedback control's fine-tuning set: as many pairs as FedMMKT's losses would train on
+        this round (so the same number of steps on the same number of pairs), drawn uniformly at
+        random, every one counted as aligned. Only that count comes from the clients."""
+        active = np.zeros(len(seen), bool)
+        seed = ctx.seed_for("fine_tune", round_index)
+        for loss, weight in ctx.alignment_losses:
+            if weight != 0:
+                loss.prepare(seen, ctx.task, derive_seed(seed, "prepare", type(loss).__name__))
+                active |= np.asarray(loss.active(seen), bool)
+        rng = np.random.default_rng(ctx.seed_for("control", round_index))
+        chosen = np.sort(rng.choice(len(seen), size=int(active.sum()), replace=False))
+        picked = seen.subset(chosen)
+        one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
+        return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
+
+    def _fit_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
+        cfg = self.config
+        config = {
+            "seed": ctx.seed_for("fit", round_index, client_id),
+            "kd_weight": cfg.kd_weight,
+            "temperature": cfg.kd_temperature,
+            "logits_dtype": cfg.logits_dtype,
+        }
+        arrays = {"predict_images": images}
+        if self.previous is not None:
+            arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
+        return Message("fit", config, arrays)
+
+    def _check_logits(self, reply: Message, count: int) -> None:
+        shape = (count, len(self.class_prompts))
+        logits = reply.array("logits", np.dtype(self.config.logits_dtype), shape, finite=True)
+        largest = float(np.abs(logits).max()) if count else 0.0
+        bound = MAX_ABS_LOGIT + (8 * self.privacy.noise_std(count) if self.privacy is not None else 0.0)
+        if largest > bound:
+            raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
+        if self.privacy is not None:  # under DP clients withhold counts (they would escape ε)
+            return
+        counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
+        if (counts < 0).any():
+            raise MessageError("class_counts must not be negative")
+        if int(reply.config.get("num_samples", 0)) <= 0:
+            raise MessageError("num_samples must be positive")
+
+    def _aggregator_name(self, ctx: ServerContext) -> str:
+        name = ctx.recipe.aggregator.name if ctx.recipe.aggregator is not None else "kd"
+        return f"aggregator '{name}'"
+
+    def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
+        """The federation's soft labels on the synthetic set (the recipe's KD aggregator)."""
+        client_replies = [
+            ClientReply(
+                client_id=k,
+                logits=reply.arrays["logits"].astype(np.float32),
+                num_samples=int(reply.config.get("num_samples", 0)),  # 0 and None: withheld under DP
+                class_counts=reply.arrays.get("class_counts"),
+            )
+            for k, reply in sorted(replies.items())
+        ]
+        return self.aggregator.aggregate(round_index, client_replies)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
+        metrics = ctx.evaluate_clients()
+        metrics.update(self._generator_report(ctx, round_index))
+        return metrics
+
+    def _generator_report(self, ctx: ServerContext, round_index: int) -> dict[str, float]:
+        """CAS and Fréchet distance now and at the start (re-measured when the generator is updated)."""
+        if self.oracle is None or self.initial is None:
+            return {}
+        if self.update_generator:
+            self.latest = self._generator_metrics(ctx, round_index + 1)
+        assert self.latest is not None
+        return {
+            "generator_cas": self.latest["cas"],
+            "generator_fid": self.latest["fid"],
+            "generator_cas_initial": self.initial["cas"],
+            "generator_fid_initial": self.initial["fid"],
+        }
+
+    def _generator_metrics(self, ctx: ServerContext, rounds_done: int) -> dict[str, float]:
+        """CAS and Fréchet distance on a fixed evaluation set (same prompts and seeds every round)."""
+        from fedmmkt_plugins.evaluation.oracle import frechet_distance
+        from fedmmkt_plugins.evaluation.sample_grid import save_sample_grid
+
+        cfg = self.config
+        assert self.oracle is not None and ctx.generator is not None
+        class_ids = np.repeat(np.arange(ctx.task.num_classes), cfg.eval_samples_per_class)
+        with ctx.phase("evaluate_generator"):
+            seeds = [ctx.seed_for("evaluate_generator", self.oracle_purpose, j) for j in range(len(class_ids))]
+            images = ctx.generator.generate([self.class_prompts[c] for c in class_ids], seeds)
+            cas = self.oracle.cas(images, class_ids)
+            fid = frechet_distance(self.oracle.features(images), self.reference_features)
+        save_sample_grid(
+            ctx.run_dir.root / "samples" / f"round_{rounds_done:03d}.png", images, class_ids, cfg.grid_columns
+        )
+        return {"cas": cas, "fid": fid}
+
+
+def mean_train_loss(replies: dict[int, Message]) -> dict[str, float]:
+    """``train_loss``: the clients' mean reported loss (absent when every client withheld it, as under DP)."""
+    losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
+    return {"train_loss": float(np.mean(losses))} if losses else {}
+
+
+def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
+    return AlignmentBatch(
+        np.concatenate([first.images, second.images]),
+        first.prompts + second.prompts,
+        np.concatenate([first.class_ids, second.class_ids]),
+        np.concatenate([first.soft_labels, second.soft_labels]),
+        second.class_prompts,
+    )

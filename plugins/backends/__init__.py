@@ -1,0 +1,1 @@
+"""Backends: how messages reach clients (in-process simulation, Flower)."""

@@ -1,0 +1,1 @@
+"""Evaluation helpers the algorithms use: the evaluation oracle (CAS, Frechet distance) and sample grids."""

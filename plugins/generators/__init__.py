@@ -1,0 +1,1 @@
+"""Generators: the server's text-to-image models (Stable Diffusion + LoRA)."""

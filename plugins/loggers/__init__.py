@@ -1,0 +1,1 @@
+"""Loggers: where metrics go (console, CSV, TensorBoard, MLflow)."""

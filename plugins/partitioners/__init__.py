@@ -1,0 +1,1 @@
+"""Partitioners: how a dataset is split across simulated clients (IID, Dirichlet, shards)."""
