@@ -114,3 +114,16 @@ def test_robust_aggregation_withstands_a_poisoning_client_where_the_mean_does_no
     assert abs(screened - clean) <= 0.02
     assert abs(screened_cas - clean_cas) <= 0.02
     assert clean - mean_attacked > 0.05
+
+
+def test_a_client_that_failed_this_round_is_left_out_of_the_round_accuracy(tmp_path):
+    recipe = faulty_recipe(["raise", "nan"]).replace("rounds: 2", "rounds: 1")
+    summary = Runner(parse_recipe(recipe), tmp_path / "run").run()
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {f["client"] for f in row["failures"]} == {2, 3}
+    every = row["client_accuracy"]
+    assert sorted(every) == ["0", "1", "2", "3"]  # the failed clients are still evaluated...
+    assert row["client_accuracy_failed"] == {"2": every["2"], "3": every["3"]}  # ...and reported apart
+    assert row["client_accuracy_mean"] == pytest.approx((every["0"] + every["1"]) / 2)  # by hand: 0 and 1 only
+    assert row["client_accuracy_min"] == min(every["0"], every["1"])
+    assert summary["client_accuracy_mean"] == row["client_accuracy_mean"]

@@ -195,16 +195,31 @@ class ServerContext:
             self.reported_epsilon[client_id] = max(self.reported_epsilon.get(client_id, 0.0), float(value))
 
     def evaluate_clients(self, arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-        """Every client's accuracy on the held-out test split (evaluation traffic is not counted)."""
+        """Every client's accuracy on the held-out test split (evaluation traffic is not counted).
+
+        ``client_accuracy`` holds every client that answered; ``client_accuracy_mean`` / ``_min`` leave
+        out the clients that failed earlier in this round (their reply was rejected: NaN, wrong shape,
+        raised, timed out...), whose accuracies are also in ``client_accuracy_failed`` (present only when
+        one failed). When every evaluated client failed this round, mean and min are left out."""
+        failed = {int(f["client"]) for f in self.stats.failures}  # this round's, before the evaluation
         messages = {info.client_id: Message("evaluate", {}, dict(arrays or {})) for info in self.clients}
         replies = self.exchange("evaluate", messages, expect="evaluate_reply", count_bytes=False, required=1)
         accuracy = {k: float(reply.config["accuracy"]) for k, reply in sorted(replies.items())}
-        values = list(accuracy.values())
-        return {
-            "client_accuracy_mean": float(np.mean(values)),
-            "client_accuracy_min": float(np.min(values)),
-            "client_accuracy": {str(k): v for k, v in accuracy.items()},
-        }
+        return accuracy_metrics(accuracy, failed)
+
+
+def accuracy_metrics(accuracy: Mapping[int, float], failed: set[int]) -> dict[str, Any]:
+    """The round's accuracy metrics: mean and min over the clients not in ``failed``; see
+    :meth:`ServerContext.evaluate_clients`."""
+    honest = [v for k, v in accuracy.items() if k not in failed]
+    metrics: dict[str, Any] = {}
+    if honest:
+        metrics["client_accuracy_mean"] = float(np.mean(honest))
+        metrics["client_accuracy_min"] = float(np.min(honest))
+    metrics["client_accuracy"] = {str(k): v for k, v in accuracy.items()}
+    if failed & accuracy.keys():
+        metrics["client_accuracy_failed"] = {str(k): v for k, v in accuracy.items() if k in failed}
+    return metrics
 
 
 RunContext = ServerContext  # the name algorithms were written against
