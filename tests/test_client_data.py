@@ -39,10 +39,13 @@ def test_partition_writes_each_clients_exact_share(tmp_path):
         np.testing.assert_array_equal(written.train.images, expected.train.images)
         np.testing.assert_array_equal(written.train.labels, expected.train.labels)
         assert written.train.captions == expected.train.captions
+        np.testing.assert_array_equal(written.evaluation.images, expected.test.images)  # the shared split
+        np.testing.assert_array_equal(written.evaluation.labels, expected.test.labels)
         from_folder = ClientFactory(recipe, data_root=folder).build(k)
         np.testing.assert_array_equal(from_folder.train.images, expected.train.images)
         np.testing.assert_array_equal(from_folder.train.labels, expected.train.labels)
-        np.testing.assert_array_equal(from_folder.test.images, expected.test.images)  # evaluation: the recipe's
+        np.testing.assert_array_equal(from_folder.test.images, expected.test.images)
+        assert from_folder.task == expected.task  # classes, geometry and caption template from the manifest
         assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.npy"))
         sizes.append(len(written.train))
     assert len(set(sizes)) > 1  # Dirichlet: the shares differ, so a mix-up would show
@@ -56,11 +59,15 @@ def test_a_client_folder_is_checked(tmp_path):
         ClientFactory(recipe, data_root=folder).build(0)
     with pytest.raises(DataError, match="written for 3 clients, the recipe has 4"):
         ClientFactory(load_recipe(SMOKE), data_root=folder).build(1)
+    server_task = ClientFactory(recipe).task
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["class_names"] = manifest["class_names"][::-1]
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="differ from the recipe's"):
-        ClientFactory(recipe, data_root=folder).build(1)
+    with pytest.raises(DataError, match="differ from the recipe's"):  # checked against the server's task
+        ClientFactory(recipe, data_root=folder).check_task(server_task)
+    evaluated_on_validation = load_recipe(SMOKE, [*THREE_CLIENTS, "data.evaluate_on=validation"])
+    with pytest.raises(DataError, match="holds the test split for evaluation, the recipe evaluates on validation"):
+        ClientFactory(evaluated_on_validation, data_root=folder).build(1)
     blob = bytearray((folder / "train.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (folder / "train.safetensors").write_bytes(bytes(blob))
@@ -70,3 +77,54 @@ def test_a_client_folder_is_checked(tmp_path):
         read_client_folder(tmp_path)
     again = partition(tmp_path / "parts")
     assert again.exit_code == 2 and "is not empty" in again.output
+
+
+def test_a_node_with_a_data_folder_never_loads_the_dataset(tmp_path, monkeypatch):
+    """Built from its folder, a client reads nothing else: the dataset plugin is never called, and it
+    trains and evaluates exactly as the client cut from the recipe's dataset."""
+    from fedmmkt_plugins.datasets.digits import DigitsDataset
+
+    from fedmmkt_core.wire import Message
+
+    assert partition(tmp_path / "parts").exit_code == 0
+    recipe = load_recipe(SMOKE, THREE_CLIENTS)
+    images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    fit = Message("fit", {"seed": 3, "logits_dtype": "float32"}, {"predict_images": images})
+
+    def replies(runtime):
+        return runtime.handle(fit), runtime.handle(Message("evaluate", {}))
+
+    expected = replies(ClientFactory(recipe).build(2))
+
+    def refuse(self, seed):
+        raise AssertionError("a client with a data folder loaded the recipe's dataset")
+
+    monkeypatch.setattr(DigitsDataset, "load", refuse)
+    with pytest.raises(AssertionError, match="loaded the recipe's dataset"):
+        ClientFactory(recipe).build(2)  # the patch bites
+    got = replies(ClientFactory(recipe, data_root=tmp_path / "parts" / "client_2").build(2))
+    for want, have in zip(expected, got, strict=True):
+        assert (have.type, have.config) == (want.type, want.config)
+        assert set(have.arrays) == set(want.arrays)
+        for name, array in want.arrays.items():
+            np.testing.assert_array_equal(have.arrays[name], array)
+
+
+def test_the_evaluation_file_is_checked(tmp_path):
+    """evaluation.safetensors is checked against its sha256 in the manifest like train.safetensors."""
+    assert partition(tmp_path / "parts").exit_code == 0
+    folder = tmp_path / "parts" / "client_0"
+    path = folder / "evaluation.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"evaluation\.safetensors: its sha256 differs"):
+        read_client_folder(folder)
+    path.unlink()
+    with pytest.raises(DataError, match=r"evaluation\.safetensors is missing"):
+        read_client_folder(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="version 1 .no evaluation split.: write the folder again"):
+        read_client_folder(folder)

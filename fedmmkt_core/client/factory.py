@@ -33,8 +33,8 @@ class ClientFactory:
     from the server side of a run.
 
     With ``data_root`` (a folder written by ``fedmmkt partition``, or a site's own data in that layout,
-    see :mod:`fedmmkt_core.client.folder`) the client trains on that folder and nothing is cut from the
-    recipe's dataset; the evaluation split still comes from the recipe's dataset (shared test data).
+    see :mod:`fedmmkt_core.client.folder`) the client reads only that folder: its training share, the
+    shared evaluation split and the task; the recipe's dataset is never loaded.
     """
 
     def __init__(
@@ -58,31 +58,48 @@ class ClientFactory:
         self._folder: ClientFolder | None = None
 
     def _load(self) -> tuple[ImageSet, ImageSet, TaskSpec, list[np.ndarray] | None]:
+        """The recipe's dataset, cut (never with ``data_root``: that folder holds all a node needs)."""
+        assert self.data_root is None, "a client with a data folder never loads the recipe's dataset"
         if self._data is None:
             from fedmmkt_core.loading import evaluation_split, load_splits, partition
 
             splits = load_splits(self.recipe)
-            parts = partition(self.recipe, splits.train.labels) if self.data_root is None else None
+            parts = partition(self.recipe, splits.train.labels)
             self._data = (splits.train, evaluation_split(self.recipe, splits), splits.task, parts)
         return self._data
 
     def folder(self) -> ClientFolder:
-        """The ``data_root`` folder as read (``ClientFolder``), checked against the recipe's task."""
+        """The ``data_root`` folder as read (``ClientFolder``), checked against the recipe's client count
+        and ``data.evaluate_on`` (its task is checked against the server's by :meth:`check_task`)."""
         if self._folder is None:
             assert self.data_root is not None
             folder = read_client_folder(self.data_root)
-            folder.check_task(self.task, self.data_root)
             if folder.num_clients != self.recipe.num_clients:
                 raise DataError(
                     f"{self.data_root} was written for {folder.num_clients} clients, the recipe has "
                     f"{self.recipe.num_clients}"
                 )
+            if folder.evaluate_on != self.recipe.data.evaluate_on:
+                raise DataError(
+                    f"{self.data_root} holds the {folder.evaluate_on} split for evaluation, the recipe evaluates "
+                    f"on {self.recipe.data.evaluate_on} (data.evaluate_on): write the folder again with "
+                    "`fedmmkt partition`"
+                )
             self._folder = folder
         return self._folder
 
+    def check_task(self, task: TaskSpec) -> None:
+        """With ``data_root``: DataError when the folder's classes or geometry differ from ``task`` (the server's)."""
+        if self.data_root is not None:
+            self.folder().check_task(task, self.data_root)
+
     @property
     def task(self) -> TaskSpec:
-        return self._load()[2]
+        return self.folder().task if self.data_root is not None else self._load()[2]
+
+    def evaluation_data(self) -> ImageSet:
+        """The split every client is evaluated on: from ``data_root``, or the recipe's dataset."""
+        return self.folder().evaluation if self.data_root is not None else self._load()[1]
 
     def train_data(self, client_id: int) -> ImageSet:
         """Client ``client_id``'s training data: its ``data_root`` folder, or its share of the recipe's dataset."""
@@ -106,7 +123,7 @@ class ClientFactory:
     ) -> ClientRuntime:
         """Client ``client_id``'s runtime; ``ledger``: its privacy ledger, kept with its state."""
         train = self.train_data(client_id)
-        _, evaluation, task, _ = self._load()
+        evaluation, task = self.evaluation_data(), self.task
         model = model if model is not None else self.build_model(client_id)
         fault = self.recipe.client_groups()[client_id].fault
         return ClientRuntime(
@@ -123,7 +140,8 @@ class ClientFactory:
 
 
 def write_partition(recipe: Recipe, out: Path) -> list[Path]:
-    """Write ``out/client_K`` for every client of ``recipe``: exactly its share as ClientFactory cuts it."""
+    """Write ``out/client_K`` for every client of ``recipe``: exactly its share as ClientFactory cuts it, and
+    the evaluation split (``data.evaluate_on``) every client is evaluated on."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"partition folder {out} exists and is not a folder")
@@ -134,6 +152,15 @@ def write_partition(recipe: Recipe, out: Path) -> list[Path]:
     folders = []
     for client_id in range(recipe.num_clients):
         folder = out / f"client_{client_id}"
-        write_client_folder(folder, client_id, recipe.num_clients, factory.train_data(client_id), factory.task, source)
+        write_client_folder(
+            folder,
+            client_id,
+            recipe.num_clients,
+            factory.train_data(client_id),
+            factory.task,
+            source,
+            evaluation=factory.evaluation_data(),
+            evaluate_on=recipe.data.evaluate_on,
+        )
         folders.append(folder)
     return folders

@@ -1,20 +1,26 @@
-"""One client's training data as a folder of its own: what a site keeps on its own disk.
+"""One client's data as a folder of its own: what a site keeps on its own disk.
 
 ``fedmmkt partition RECIPE OUT`` writes ``OUT/client_K`` for every client K: exactly the share
 :class:`~fedmmkt_core.client.ClientFactory` cuts for that client from the recipe's dataset (same images,
-same labels, same order). A Flower SuperNode started with ``--node-config "data-root=OUT/client_K"``
-trains on that folder instead of loading the recipe's dataset and cutting a partition.
+same labels, same order), and the shared evaluation split every client is evaluated on
+(``data.evaluate_on``: the test or the validation split). A Flower SuperNode started with
+``--node-config "data-root=OUT/client_K"`` reads only that folder: it never loads the recipe's dataset.
 
 Layout (no pickle anywhere)::
 
     client_K/
-      manifest.json        {"format": "fedmmkt-client-data", "version": 1, "client_id": K, "num_clients": N,
-                            "class_names": [...], "image_size": S, "channels": C, "num_samples": n,
-                            "sha256": <of train.safetensors>, "captions": [...] | null, "source": {...}}
-      train.safetensors    images uint8 [n, S, S, C], labels int64 [n]
+      manifest.json             {"format": "fedmmkt-client-data", "version": 2, "client_id": K, "num_clients": N,
+                                 "class_names": [...], "image_size": S, "channels": C,
+                                 "caption_template": "a photo of a {name}", "num_samples": n,
+                                 "sha256": <of train.safetensors>, "captions": [...] | null,
+                                 "evaluation": {"split": "test", "num_samples": m,
+                                                "sha256": <of evaluation.safetensors>, "captions": [...] | null},
+                                 "source": {...}}
+      train.safetensors         images uint8 [n, S, S, C], labels int64 [n]
+      evaluation.safetensors    images uint8 [m, S, S, C], labels int64 [m] (the same in every client's folder)
 
-A folder written by other means (a site's own data) needs only the same two files; ``source`` is
-informational.
+A folder written by other means (a site's own data) needs the same three files; ``source`` is
+informational. Every array file is checked against its sha256 in the manifest before it is decoded.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,18 +37,17 @@ from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
 from fedmmkt_core.rundir import atomic_write_json, save_safetensors
 
-if TYPE_CHECKING:
-    pass
-
 FORMAT = "fedmmkt-client-data"
-VERSION = 1
+VERSION = 2  # 1: no evaluation split (the node loaded the recipe's dataset for it)
 MANIFEST = "manifest.json"
 ARRAYS = "train.safetensors"
+EVALUATION = "evaluation.safetensors"
+DEFAULT_CAPTION = "a photo of a {name}"
 
 
 @dataclass
 class ClientFolder:
-    """A client folder as read back: its training data and what it declares about itself."""
+    """A client folder as read back: its training data, the shared evaluation split and its task."""
 
     client_id: int
     num_clients: int
@@ -50,9 +55,17 @@ class ClientFolder:
     image_size: int
     channels: int
     train: ImageSet
+    evaluation: ImageSet
+    evaluate_on: str = "test"
+    caption_template: str = DEFAULT_CAPTION
+
+    @property
+    def task(self) -> TaskSpec:
+        """The task as the folder declares it (the node needs no dataset to know it)."""
+        return TaskSpec(self.class_names, self.image_size, self.channels, self.caption_template)
 
     def check_task(self, task: TaskSpec, folder: Path) -> None:
-        """Raise DataError when this folder's classes or image geometry differ from the recipe's task."""
+        """Raise DataError when this folder's classes or image geometry differ from ``task`` (the server's)."""
         if self.class_names != tuple(task.class_names):
             raise DataError(
                 f"{folder}: classes {list(self.class_names)} differ from the recipe's {list(task.class_names)}"
@@ -64,11 +77,23 @@ class ClientFolder:
             )
 
 
+def _save(path: Path, data: ImageSet) -> str:
+    save_safetensors(path, {"images": data.images, "labels": data.labels.astype(np.int64)})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_client_folder(
-    folder: Path, client_id: int, num_clients: int, train: ImageSet, task: TaskSpec, source: dict[str, Any]
+    folder: Path,
+    client_id: int,
+    num_clients: int,
+    train: ImageSet,
+    task: TaskSpec,
+    source: dict[str, Any],
+    evaluation: ImageSet,
+    evaluate_on: str = "test",
 ) -> None:
+    """Write ``folder``: client ``client_id``'s ``train`` share and the shared ``evaluation`` split."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(folder / ARRAYS, {"images": train.images, "labels": train.labels.astype(np.int64)})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -77,55 +102,101 @@ def write_client_folder(
         "class_names": list(task.class_names),
         "image_size": task.image_size,
         "channels": task.channels,
+        "caption_template": task.caption_template,
         "num_samples": len(train),
-        "sha256": hashlib.sha256((folder / ARRAYS).read_bytes()).hexdigest(),
+        "sha256": _save(folder / ARRAYS, train),
         "captions": list(train.captions) if train.captions is not None else None,
+        "evaluation": {
+            "split": evaluate_on,
+            "num_samples": len(evaluation),
+            "sha256": _save(folder / EVALUATION, evaluation),
+            "captions": list(evaluation.captions) if evaluation.captions is not None else None,
+        },
         "source": source,
     }
     atomic_write_json(folder / MANIFEST, manifest)
 
 
-def read_client_folder(folder: Path) -> ClientFolder:
-    """Read and check a client folder; every problem is a DataError naming the file."""
+def _read_arrays(
+    path: Path,
+    manifest_path: Path,
+    digest: str,
+    num_samples: int,
+    geometry: tuple[int, int],
+    num_classes: int,
+    captions: Any,
+) -> ImageSet:
+    """One array file of the folder, checked against its sha256 before it is decoded."""
     from safetensors.numpy import load
 
+    if not path.is_file():
+        raise DataError(f"{path} is missing (the manifest {manifest_path} names it; see `fedmmkt partition`)")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise DataError(f"{path}: its sha256 differs from the one in {MANIFEST} (changed or truncated)")
+    try:
+        arrays = load(blob)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    images, labels = arrays.get("images"), arrays.get("labels")
+    shape = (num_samples, geometry[0], geometry[0], geometry[1])
+    if images is None or images.dtype != np.uint8 or images.shape != shape:
+        raise DataError(f"{path}: 'images' must be uint8 {shape}")
+    if labels is None or labels.dtype != np.int64 or labels.shape != (num_samples,):
+        raise DataError(f"{path}: 'labels' must be int64 ({num_samples},)")
+    if num_samples and not (0 <= labels.min() and labels.max() < num_classes):
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
+    if captions is not None and (
+        not isinstance(captions, list) or len(captions) != num_samples or not all(isinstance(c, str) for c in captions)
+    ):
+        raise DataError(f"{manifest_path}: the captions of {path.name} must be null or {num_samples} strings")
+    return ImageSet(images, labels, captions)
+
+
+def read_client_folder(folder: Path) -> ClientFolder:
+    """Read and check a client folder; every problem is a DataError naming the file."""
     folder = Path(folder)
-    manifest_path, arrays_path = folder / MANIFEST, folder / ARRAYS
-    if not manifest_path.is_file() or not arrays_path.is_file():
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file() or not (folder / ARRAYS).is_file():
         raise DataError(
-            f"{folder} is not a client data folder (needs {MANIFEST} and {ARRAYS}; see `fedmmkt partition`)"
+            f"{folder} is not a client data folder (needs {MANIFEST}, {ARRAYS} and {EVALUATION}; see "
+            "`fedmmkt partition`)"
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{manifest_path}: not JSON ({exc})") from None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("version") == 1:
+        raise DataError(
+            f"{manifest_path}: version 1 (no evaluation split): write the folder again with `fedmmkt partition`"
+        )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{manifest_path}: expected format '{FORMAT}' version {VERSION}")
     try:
         client_id, num_clients = int(manifest["client_id"]), int(manifest["num_clients"])
         class_names = tuple(str(name) for name in manifest["class_names"])
-        image_size, channels = int(manifest["image_size"]), int(manifest["channels"])
+        geometry = (int(manifest["image_size"]), int(manifest["channels"]))
+        caption_template = str(manifest.get("caption_template", DEFAULT_CAPTION))
         num_samples, digest = int(manifest["num_samples"]), str(manifest["sha256"])
-        captions = manifest.get("captions")
+        evaluation = manifest["evaluation"]
+        evaluate_on = str(evaluation["split"])
+        eval_samples, eval_digest = int(evaluation["num_samples"]), str(evaluation["sha256"])
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{manifest_path}: missing or malformed field ({exc})") from None
-    blob = arrays_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != digest:
-        raise DataError(f"{arrays_path}: its sha256 differs from the one in {MANIFEST} (changed or truncated)")
-    try:
-        arrays = load(blob)
-    except Exception as exc:
-        raise DataError(f"{arrays_path}: cannot read ({exc})") from None
-    images, labels = arrays.get("images"), arrays.get("labels")
-    shape = (num_samples, image_size, image_size, channels)
-    if images is None or images.dtype != np.uint8 or images.shape != shape:
-        raise DataError(f"{arrays_path}: 'images' must be uint8 {shape}")
-    if labels is None or labels.dtype != np.int64 or labels.shape != (num_samples,):
-        raise DataError(f"{arrays_path}: 'labels' must be int64 ({num_samples},)")
-    if num_samples and not (0 <= labels.min() and labels.max() < len(class_names)):
-        raise DataError(f"{arrays_path}: labels outside 0..{len(class_names) - 1}")
-    if captions is not None and (
-        not isinstance(captions, list) or len(captions) != num_samples or not all(isinstance(c, str) for c in captions)
-    ):
-        raise DataError(f"{manifest_path}: 'captions' must be null or {num_samples} strings")
-    return ClientFolder(client_id, num_clients, class_names, image_size, channels, ImageSet(images, labels, captions))
+    if "{name}" not in caption_template:
+        raise DataError(f"{manifest_path}: 'caption_template' must contain '{{name}}'")
+    train = _read_arrays(
+        folder / ARRAYS, manifest_path, digest, num_samples, geometry, len(class_names), manifest.get("captions")
+    )
+    held_out = _read_arrays(
+        folder / EVALUATION,
+        manifest_path,
+        eval_digest,
+        eval_samples,
+        geometry,
+        len(class_names),
+        evaluation.get("captions"),
+    )
+    return ClientFolder(
+        client_id, num_clients, class_names, geometry[0], geometry[1], train, held_out, evaluate_on, caption_template
+    )

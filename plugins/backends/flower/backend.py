@@ -147,10 +147,14 @@ class FlowerBackend(Backend):
         new = sorted(alive - set(self.node_of.values()))
         if not new:
             return
-        hello = {-node: Message("hello", {}) for node in new}  # keyed by -node id until we know the client
+        task = self.ctx.task  # a node with its own data folder checks its classes and geometry against it
+        geometry = {"image_size": task.image_size, "channels": task.channels}
+        config = {"task": {"class_names": list(task.class_names), **geometry}}
+        hello = {-node: Message("hello", config) for node in new}  # keyed by -node id until we know the client
         replies = self._send({key: (msg, -key) for key, msg in hello.items()}, timeout=30.0, record=False)
         for key, reply in replies.items():
             if isinstance(reply, BaseException):
+                log.warning("SuperNode %s did not answer who it is: %s", -key, reply)
                 continue
             client_id = int(reply.config.get("client_id", -1))
             if not 0 <= client_id < len(self.ctx.clients):

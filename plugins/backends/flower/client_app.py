@@ -4,9 +4,10 @@ Node config (``flower-supernode --node-config``):
 
 ``partition-id``   the client id K this node holds (optional with ``data-root``: read from its manifest)
 ``num-partitions`` the number of clients, checked against the recipe
-``data-root``      this node's own training data, a folder written by ``fedmmkt partition`` (its
-                   ``client_K``). Without it the node loads the recipe's dataset and cuts partition K.
-                   The evaluation split always comes from the recipe's dataset (shared test data).
+``data-root``      this node's own data, a folder written by ``fedmmkt partition`` (its ``client_K``):
+                   its training share and the shared evaluation split; the node reads only that
+                   folder (its classes and geometry are checked against the server's task on the
+                   first message). Without it the node loads the recipe's dataset and cuts partition K.
 ``state-dir``      where the node keeps its client weights between messages and runs (default:
                    ``data-root/.fedmmkt-state``); what ``fedmmkt run --resume`` needs
 ``client-secret``  this node's own DP randomness (see :meth:`ClientRuntime.noise_rng`)
@@ -146,6 +147,8 @@ def _client_reply(message: Any, context: Any) -> Message:
     recipe = parse_recipe(unb64(str(context.run_config["client-recipe"])))
     node_config = context.node_config
     client_id = _client_id(node_config, recipe.num_clients)
+    if request.type == "hello" and "task" in request.config:  # a data-root folder must fit the server's task
+        _factory(recipe, context).check_task(_server_task(request.config["task"]))
     root = _state_root(context)
     if root is None:
         if start_round > 0:
@@ -170,6 +173,16 @@ def _client_reply(message: Any, context: Any) -> Message:
         if runtime.weights_changed:
             state.save(flower_run, round_index, runtime.model.get_weights())
     return reply
+
+
+def _server_task(config: Any) -> Any:
+    from fedmmkt_core.data import TaskSpec
+
+    try:
+        names = tuple(str(name) for name in config["class_names"])
+        return TaskSpec(names, int(config["image_size"]), int(config["channels"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"malformed task in the server's hello ({exc})") from None
 
 
 def run_privacy(run_config: Any) -> Any:
