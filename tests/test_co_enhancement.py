@@ -39,7 +39,7 @@ PROMPTS = np.array([0, 1, 2])
 def test_ensemble_targets_are_the_soft_labels():
     targets, trusted = _algorithm(client_targets="ensemble").distill_targets(SOFT, PROMPTS, {0: _reply([5, 5, 0])})
     np.testing.assert_array_equal(targets, SOFT)
-    assert not trusted.any()
+    assert trusted is None  # no prompt knowledge: no prompt_trusted_rate
 
 
 def test_agreed_targets_trust_the_prompt_where_the_ensemble_agrees_or_cannot_know():

@@ -61,7 +61,7 @@ class Centralized(FedMMKT):
     def run_round(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if self.config.evaluate_generator and self.initial is None:
-            self.initial = self._generator_metrics(ctx, 0)
+            self.initial = self.measure_generator(ctx, 0)
             self.latest = self.initial
         with ctx.phase("fit", total=len(self.models)) as advance:
             losses = []
@@ -91,5 +91,5 @@ class Centralized(FedMMKT):
             "client_accuracy_min": float(np.min(values)),
             "client_accuracy": {str(k): v for k, v in enumerate(values)},
         }
-        metrics.update(self._generator_report(ctx, round_index))
+        metrics.update(self.generator_report(ctx, round_index))
         return metrics

@@ -17,6 +17,7 @@ from fedmmkt_core.wire import Message
 
 
 class FedDFConfig(FedMMKTConfig):
+    # distill_targets below is FedDF's rule; the field stays so a recipe asking for more is refused
     client_targets: Literal["ensemble"] = Field(
         "ensemble", description="FedDF distils the clients' ensemble only: no server knowledge in the targets"
     )
@@ -32,6 +33,12 @@ class FedDF(FedMMKT):
     def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
         logits = np.mean([reply.arrays["logits"].astype(np.float64) for _, reply in sorted(replies.items())], axis=0)
         return softmax(logits, self.ensemble_temperature())
+
+    def distill_targets(
+        self, soft_labels: np.ndarray, class_ids: np.ndarray, replies: dict[int, Message]
+    ) -> tuple[np.ndarray, None]:
+        """The clients distil the ensemble itself: no prompt knowledge, so no ``prompt_trusted_rate``."""
+        return soft_labels, None
 
     def ensemble_temperature(self) -> float:
         """The temperature of the ensemble's softmax (variants sharpen it)."""

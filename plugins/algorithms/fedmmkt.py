@@ -83,7 +83,23 @@ class FedMMKTConfig(ComponentConfig):
 
 
 class FedMMKT(Algorithm):
-    """Co-enhancement of a server generator and heterogeneous client models."""
+    """Co-enhancement of a server generator and heterogeneous client models.
+
+    Extension points: a variant subclasses ``FedMMKT`` and overrides one documented hook; the round
+    (:meth:`run_round`) calls them in this order, each with no other side effect on the round:
+
+    * :meth:`base_mask`: who draws each transfer image (the frozen base or the adapted generator);
+    * :meth:`aggregate`: the federation's soft labels from the clients' logits;
+    * :meth:`distill_targets`: what the clients distil next round (the client-target rule);
+    * :meth:`judge_sources`: the transfer policy's feedback (the clients' verdict on each source);
+    * :meth:`generator_training_batch`: what the generator's LoRA is fine-tuned on.
+
+    Two class flags switch whole steps: ``update_generator = False`` never fine-tunes the generator
+    (``fedmmkt-frozen-generator``, ``feddf``); ``client_feedback = False`` fine-tunes it on the step-matched
+    control batch without the clients' verdict (``fedmmkt-no-feedback``). A variant with its own config
+    subclasses :class:`FedMMKTConfig` and sets ``Config``. :meth:`measure_generator` and
+    :meth:`generator_report` serve a variant that replaces :meth:`run_round` (``centralized``).
+    """
 
     Config = FedMMKTConfig
     config: FedMMKTConfig
@@ -181,7 +197,7 @@ class FedMMKT(Algorithm):
         generator = ctx.generator
         assert generator is not None
         if self.config.evaluate_generator and self.initial is None:
-            self.initial = self._generator_metrics(ctx, 0)
+            self.initial = self.measure_generator(ctx, 0)
             self.latest = self.initial
         num_classes = ctx.task.num_classes
         class_ids = np.repeat(np.arange(num_classes), cfg.samples_per_class)
@@ -213,7 +229,7 @@ class FedMMKT(Algorithm):
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
             "alignment_mean": float(np.mean(batch.alignment)),
         }
-        if self.config.client_targets != "ensemble":
+        if trusted is not None:
             metrics["prompt_trusted_rate"] = float(np.mean(trusted))
         metrics.update(self.judge_sources(batch.alignment, class_ids, from_base))
         excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
@@ -231,8 +247,13 @@ class FedMMKT(Algorithm):
         return metrics
 
     def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
-        """Which of this round's transfer images the frozen base draws (the rest: the adapter). Prompts come
-        in class blocks; within a class the first ones are the base's."""
+        """Hook: who draws each transfer image. ``class_ids [N]`` is this round's prompt classes, in class
+        blocks of ``samples_per_class``; return a boolean mask ``[N]``, True where the frozen base
+        (``Generator.generate_base``, adapter off) draws the image, False where the adapted generator does.
+
+        Here: ``transfer_policy`` fixed, the first ``round(base_fraction · samples_per_class)`` of each
+        class; judged, ``1 - adapter_share[c]`` of class c (set by :meth:`judge_sources`). A variant that
+        returns True anywhere needs ``generate_base`` and must say so in ``generator_requirements``."""
         cfg = self.config
         per_class = cfg.samples_per_class
         position_in_class = np.arange(len(class_ids)) % per_class
@@ -242,8 +263,13 @@ class FedMMKT(Algorithm):
         return position_in_class < base_count[class_ids]
 
     def judge_sources(self, alignment: np.ndarray, class_ids: np.ndarray, from_base: np.ndarray) -> dict[str, float]:
-        """How the clients judged the adapter's images against the base's this round (the server's on-policy
-        feedback on its own generator); under the judged policy, next round's adapter share per class."""
+        """Hook: the transfer policy's feedback, called once per round after :meth:`aggregate`.
+
+        ``alignment [N]`` is a_j = q[j, c_j] (how strongly the clients agree image j shows its class),
+        ``from_base [N]`` the round's :meth:`base_mask`. Returns metrics for the round; here it reports
+        the mean alignment of each source's images and, under ``transfer_policy: judged``, sets
+        ``adapter_share`` (next round's share of adapter images per class, saved with the state) that
+        :meth:`base_mask` reads. A variant with its own policy overrides both."""
         cfg = self.config
         metrics: dict[str, float] = {"adapter_images": float(np.sum(~from_base))}
         if from_base.any():
@@ -267,17 +293,26 @@ class FedMMKT(Algorithm):
 
     def distill_targets(
         self, soft_labels: np.ndarray, class_ids: np.ndarray, replies: dict[int, Message]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The clients' distillation targets on the synthetic set and which images trusted the prompt.
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hook: the client-target rule, what the clients distil on this round's synthetic set next round.
 
-        The ensemble ``q`` knows what the clients know; the server knows which class each image was
-        generated for. ``agreed`` trusts the prompt where the ensemble's top class is the prompt's
-        (two independent sources agree) or where no reporting client holds the prompt's class (the
-        ensemble cannot know it; only without DP, when clients report class counts).
+        ``soft_labels [N, C]`` are :meth:`aggregate`'s (already checked: finite rows summing to one),
+        ``class_ids [N]`` the class each image was generated for, ``replies`` the clients' validated
+        ``fit_reply`` messages (``class_counts`` among their arrays, except under DP). Return
+        ``(targets, trusted)``: ``targets float32 [N, C]`` probability rows, sent to the clients as
+        ``distill_soft_labels``; ``trusted``, a boolean mask ``[N]`` of the images whose target took in the
+        prompt (reported as ``prompt_trusted_rate``), or ``None`` for a rule that never does (no metric).
+
+        Here, by ``client_targets``: ``ensemble`` the soft labels themselves; ``prompt`` and ``agreed`` mix
+        in onehot(c_j) with weight ``prompt_weight``, ``agreed`` only where the ensemble's top class is
+        the prompt's (two independent sources agree) or where no reporting client holds the prompt's
+        class (the ensemble cannot know it; only without DP, when clients report class counts).
         """
         cfg = self.config
         num_classes = soft_labels.shape[1]
-        if cfg.client_targets == "ensemble" or cfg.prompt_weight == 0:
+        if cfg.client_targets == "ensemble":
+            return soft_labels, None
+        if cfg.prompt_weight == 0:
             return soft_labels, np.zeros(len(class_ids), bool)
         if cfg.client_targets == "prompt":
             trusted = np.ones(len(class_ids), bool)
@@ -292,9 +327,13 @@ class FedMMKT(Algorithm):
         return ((1 - beta) * soft_labels + beta * one_hot).astype(np.float32), trusted
 
     def generator_training_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
-        """What the generator's LoRA is fine-tuned on this round: every pair seen with the clients' soft labels
-        (the control without client feedback: as many pairs, uniformly drawn, all aligned). Variants override
-        it (e.g. the ceiling generator's pooled real images)."""
+        """Hook: what the generator's LoRA is fine-tuned on this round (only when ``update_generator``).
+
+        ``seen`` holds this round's synthetic pairs after the replay buffer's earlier ones, each with the
+        federation's soft labels (``AlignmentBatch.alignment`` is a_j). The returned batch goes to
+        ``Generator.fine_tune`` with the recipe's alignment losses. Here: ``seen`` itself, or, with
+        ``client_feedback = False``, the step-matched control (as many pairs, uniformly drawn, all counted
+        aligned). ``fedmmkt-ceiling-generator`` returns the pooled real images instead."""
         return seen if self.client_feedback else self._control_batch(ctx, seen, round_index)
 
     def _control_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
@@ -346,7 +385,11 @@ class FedMMKT(Algorithm):
         return f"aggregator '{name}'"
 
     def aggregate(self, round_index: int, replies: dict[int, Message]) -> np.ndarray:
-        """The federation's soft labels on the synthetic set (the recipe's KD aggregator)."""
+        """Hook: the federation's soft labels ``float [N, C]`` on the synthetic set from the clients'
+        validated replies (``logits`` ``[N, C]``, ``num_samples`` and ``class_counts`` unless withheld under
+        DP). Here: the recipe's aggregator (default ``kd``) on :class:`ClientReply` objects; ``feddf``
+        averages the logits instead. The round checks the result (finite rows summing to one) and stops
+        the run naming the aggregator otherwise."""
         client_replies = [
             ClientReply(
                 client_id=k,
@@ -361,15 +404,16 @@ class FedMMKT(Algorithm):
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, ctx: ServerContext, round_index: int) -> dict[str, Any]:
         metrics = ctx.evaluate_clients()
-        metrics.update(self._generator_report(ctx, round_index))
+        metrics.update(self.generator_report(ctx, round_index))
         return metrics
 
-    def _generator_report(self, ctx: ServerContext, round_index: int) -> dict[str, float]:
-        """CAS and Fréchet distance now and at the start (re-measured when the generator is updated)."""
+    def generator_report(self, ctx: ServerContext, round_index: int) -> dict[str, float]:
+        """The round's generator metrics (``generator_cas``, ``generator_fid`` and their ``_initial``
+        values), re-measured when the generator is updated; ``{}`` without ``evaluate_generator``."""
         if self.oracle is None or self.initial is None:
             return {}
         if self.update_generator:
-            self.latest = self._generator_metrics(ctx, round_index + 1)
+            self.latest = self.measure_generator(ctx, round_index + 1)
         assert self.latest is not None
         return {
             "generator_cas": self.latest["cas"],
@@ -378,8 +422,9 @@ class FedMMKT(Algorithm):
             "generator_fid_initial": self.initial["fid"],
         }
 
-    def _generator_metrics(self, ctx: ServerContext, rounds_done: int) -> dict[str, float]:
-        """CAS and Fréchet distance on a fixed evaluation set (same prompts and seeds every round)."""
+    def measure_generator(self, ctx: ServerContext, rounds_done: int) -> dict[str, float]:
+        """``{"cas", "fid"}`` of the generator on a fixed evaluation set (same prompts and seeds every
+        round), and its sample grid ``samples/round_<rounds_done>.png``. Needs ``evaluate_generator``."""
         from fedmmkt_plugins.evaluation.oracle import frechet_distance
         from fedmmkt_plugins.evaluation.sample_grid import save_sample_grid
 
