@@ -25,6 +25,7 @@ from fedmmkt_plugins.backends.flower.processes import (
     child_env,
     flwr_exe,
     free_port,
+    sigterm_as_interrupt,
     stop_all,
     wait_listening,
 )
@@ -154,7 +155,7 @@ def launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
     if config.connection is None:
         check_reachable(config.superlink)
     values = run_config(config, runner)
-    with tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-") as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-") as tmp:
         app_dir = write_app(Path(tmp), values)
         if config.connection is not None:
             flwr_home, connection = None, config.connection
@@ -206,9 +207,13 @@ def stream(command: list[str], env: dict[str, str]) -> tuple[int | None, list[st
             if match:
                 run_id = int(match.group(1))
         proc.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt): stop the run on the SuperLink too
         if run_id is not None:
-            subprocess.run([command[0], "stop", str(run_id), command[3]], env=env, timeout=30, check=False)
+            try:
+                stop = [command[0], "stop", str(run_id), command[3]]  # flwr stop RUN_ID CONNECTION
+                subprocess.run(stop, env=env, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         raise
     finally:
         if proc.poll() is None:
@@ -237,7 +242,7 @@ def launch_simulation(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
     if config.ray_num_cpus is not None:
         federation_config["init-args-num-cpus"] = config.ray_num_cpus
     token = os.environ.get(SIM_TOKEN) or uuid.uuid4().hex  # a test may set it to find the processes
-    with tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-sim-") as tmp:
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-sim-") as tmp:
         app_dir = write_app(Path(tmp), values)
         flwr_home, connection, port = Path(tmp) / "flwr-home", "fedmmkt-simulation", free_port()
         write_flwr_home(flwr_home, connection, [f'address = "127.0.0.1:{port}"', "insecure = true"])

@@ -9,7 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedmmkt_core.errors import MissingDependencyError, UserError
@@ -134,3 +137,21 @@ def stop_all(superlink: subprocess.Popen, token: str, grace: float = 10.0) -> No
         if superlink.poll() is not None and not processes_with_token(token):
             break
     superlink.wait()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Meanwhile, SIGTERM raises KeyboardInterrupt as Ctrl-C does (in the main thread; elsewhere no
+    handler can be set), so `kill PID` ends the children and removes the temporary folders too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
