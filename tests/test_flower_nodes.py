@@ -29,7 +29,8 @@ from test_flower_privacy import flower_task  # noqa: E402,F401  (a fixture)
 
 def test_every_node_trains_on_its_own_data_folder(tmp_path, monkeypatch, inprocess_reference):
     """Each SuperNode gets only its own folder (written by `fedmmkt partition`) as data-root; the run's
-    metrics equal the in-process run's, and each node's client state lands under its own folder."""
+    metrics equal the in-process run's; each node's client state went under its own folder and, the run
+    having finished, is gone."""
     parts = tmp_path / "parts"
     written = cli.invoke(app, ["partition", str(SMOKE), str(parts), *sum((["--set", o] for o in THREE_CLIENTS), [])])
     assert written.exit_code == 0, written.output
@@ -41,9 +42,8 @@ def test_every_node_trains_on_its_own_data_folder(tmp_path, monkeypatch, inproce
     assert rows_without_timing(tmp_path / "flower") == rows_without_timing(inprocess_reference)
     run_key = json.loads((tmp_path / "flower" / "flower_run.json").read_text())["run_key"]
     for k in range(3):
-        state = parts / f"client_{k}" / ".fedmmkt-state" / run_key
-        assert [p.name for p in state.iterdir()] == [f"client_{k}"]  # node k held client k only
-        assert sorted(p.name for p in state.glob("*/*.safetensors")) == [f"client_{k}.r{r}.safetensors" for r in (0, 1)]
+        state = parts / f"client_{k}" / ".fedmmkt-state"
+        assert state.is_dir() and not (state / run_key).exists()  # released after the run finished
 
 
 def test_federation_up_with_data_gives_every_node_its_own_folder(tmp_path):

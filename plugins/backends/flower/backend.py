@@ -281,5 +281,16 @@ class FlowerBackend(Backend):
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
 
+    def release_nodes(self) -> None:
+        """After a run that finished: every SuperNode deletes this run's client weights from its disk
+        (a failed or interrupted run keeps them for ``--resume``). A node that does not answer keeps them."""
+        if self.config.mode == "simulation":
+            return  # the virtual nodes' state is in the run directory, kept as the in-process backend keeps it
+        nodes = sorted(self.grid.get_node_ids())
+        replies = self._send({-node: (Message("release", {}), node) for node in nodes}, timeout=30.0, record=False)
+        for key, reply in replies.items():
+            if isinstance(reply, BaseException):
+                log.warning("SuperNode %s kept this run's client state: %s", -key, reply)
+
     def stop(self) -> None:
         self.node_of = {}

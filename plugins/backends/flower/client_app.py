@@ -26,7 +26,9 @@ Client weights go to ``<state-dir>/<run key>/client_K/client_K.r<round>.safetens
 (:class:`~fedmmkt_core.client.ClientStateStore`), the round coming with every message. The first
 message of a Flower run claims the folder for that run (``owner.json``) and deletes files of rounds
 at or after the round the run started from (left by an interrupted run); a ClientApp of an older run
-that is still working never writes into a folder another run claimed. A node with neither
+that is still working never writes into a folder another run claimed. When the run finishes, the
+ServerApp sends every node a ``release`` message and the node deletes the folder (all but the privacy
+ledger, under DP); a failed or interrupted run keeps it for ``--resume``. A node with neither
 ``state-dir`` nor ``data-root`` keeps weights in Flower's ``context.state``, which ends with the run
 (no ``--resume``). In simulation mode the client state lives in the run directory on this machine.
 """
@@ -99,6 +101,28 @@ class NodeClientState:
             self.store.discard_from(start_round)
             (self.folder / "owner.json").write_text(json.dumps({"flower_run": flower_run}), encoding="utf-8")
 
+    def release(self, flower_run: str) -> None:
+        """The run finished: delete this client's weights for it and its folder. Its privacy ledger
+        (``client_K.privacy.json``) stays: the site's record of what it spent. Nothing is deleted in a
+        folder another Flower run claimed."""
+        import shutil
+
+        with self.locked():
+            if self._owner() != flower_run:
+                return
+            kept = {f"client_{self.client_id}.privacy.json"}
+            for path in self.folder.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name not in kept | {".lock"}:
+                    path.unlink(missing_ok=True)
+        if not any(p.name in kept for p in self.folder.iterdir()):
+            shutil.rmtree(self.folder, ignore_errors=True)
+            try:
+                self.folder.parent.rmdir()  # the run key's folder, once every client of this node left it
+            except OSError:
+                pass
+
     def load(self, round_index: int) -> dict | None:
         return self.store.load(self.client_id, up_to_round=round_index)
 
@@ -159,7 +183,13 @@ def _client_reply(message: Any, context: Any) -> Message:
         if request.type == "hello":
             return Message("hello_reply", {"client_id": client_id})
         return _reply_in_memory(request, context, recipe, client_id)
-    state = NodeClientState(root, str(context.run_config.get("run-key", "default")), client_id)
+    run_key = str(context.run_config.get("run-key", "default"))
+    if request.type == "release":  # the run finished (a node's own state only, not a simulation's run dir)
+        own = "state-dir" in node_config or "data-root" in node_config
+        if own and (root / run_key / f"client_{client_id}").is_dir():
+            NodeClientState(root, run_key, client_id).release(str(context.run_id))
+        return Message("release_reply", {})
+    state = NodeClientState(root, run_key, client_id)
     flower_run = str(context.run_id)
     with state.locked():
         state.claim(flower_run, start_round)

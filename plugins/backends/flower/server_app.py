@@ -39,6 +39,10 @@ def serve(grid: Any, context: Any) -> None:
             raise UserError(f"the recipe's backend is '{recipe.backend.name}', not flower")
         Runner(recipe, out, resume=bool(config.get("resume", False)), backend=backend.bind(grid)).run()
         status = {"status": "finished"}
+        try:  # the run is complete: the nodes' state for it is needed no more
+            backend.release_nodes()
+        except Exception as exc:
+            log.warning("the nodes keep this run's client state: %s: %s", type(exc).__name__, exc)
     except (RunFailed, UserError) as exc:
         status = {"status": "failed", "error": type(exc).__name__, "message": str(exc)}
         raise
