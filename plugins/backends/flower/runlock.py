@@ -30,5 +30,6 @@ def run_lock(out: Path, wait_seconds: float = 2.0) -> Any:
         handle.close()
         raise UserError(
             f"a Flower run is still serving {out} (its ServerApp holds {LOCK_FILE}): wait for it or stop it "
-            "with `flwr stop RUN_ID`, then resume"
+            "with `flwr stop RUN_ID CONNECTION` (CONNECTION: a [superlink.NAME] entry of your Flower config "
+            "naming this SuperLink; see docs/flower.md), then resume"
         ) from None
