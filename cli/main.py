@@ -216,9 +216,11 @@ def schema() -> None:
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory", show_default=False)],
     plot: Annotated[bool, typer.Option(help="write curves.png into the run directory")] = True,
+    all_: Annotated[bool, typer.Option("--all", help="a column per numeric metric in the per-round table")] = False,
 ) -> None:
-    """Print a run's summary and per-round table; write its curves."""
-    from fedmmkt_core.reporting import load_run, plot_curves
+    """Print a run's summary and per-round table (the last round's other numeric metrics below it, or
+    with --all as columns); write its curves."""
+    from fedmmkt_core.reporting import load_run, numeric_columns, other_last_round_metrics, plot_curves
 
     summary, rows = _guard(load_run, run_dir, doing=f"reading the run {run_dir}")
     table = Table(title=_escape(f"summary ({run_dir})"), show_header=False)
@@ -228,12 +230,22 @@ def report(
         table.add_row(_escape(key), _fmt(value))
     out.print(table)
     columns = [c for c in _ROUND_COLUMNS if any(c in r for r in rows)]
+    if all_:
+        columns += [c for c in numeric_columns(rows) if c not in columns]
     rounds = Table(title="rounds")
     for column in columns:  # long metric names fold onto several lines instead of being cut
-        rounds.add_column(column, justify="right", overflow="fold")
+        rounds.add_column(_escape(column), justify="right", overflow="fold")
     for row in rows:
         rounds.add_row(*(_fmt(row.get(c, "")) for c in columns))
     out.print(rounds)
+    others = other_last_round_metrics(rows, columns)
+    if others:  # a plugin's own metrics: visible without --all
+        last = Table(title=f"round {rows[-1]['round']}: other metrics", caption="--all: every round", show_header=False)
+        last.add_column(no_wrap=True)
+        last.add_column(justify="right")
+        for key, value in others.items():
+            last.add_row(_escape(key), _fmt(value))
+        out.print(last)
     if plot and rows:
         from fedmmkt_core.errors import UserError
 

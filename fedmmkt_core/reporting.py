@@ -119,6 +119,20 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def numeric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every metric that is a finite number in some row (a plugin's own metrics included), first seen first."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update((key, None) for key, value in row.items() if _number(value))
+    return list(columns)
+
+
+def other_last_round_metrics(rows: list[dict[str, Any]], shown: list[str]) -> dict[str, float]:
+    """The last round's numeric metrics not in ``shown`` (what `fedmmkt report` lists below its table)."""
+    last = rows[-1] if rows else {}
+    return {key: value for key, value in last.items() if _number(value) and key not in shown}
+
+
 def check_plot_path(path: Path) -> None:
     """Refuse, before any work, a plot path matplotlib cannot write or that names another kind of file."""
     if path.suffix.lower() not in PLOT_SUFFIXES:
