@@ -131,12 +131,34 @@ class TorchClassifier(ClientModel):
         self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
-def hf_classifier_module(model: Any, task: TaskSpec, model_channels: int, model_size: int) -> Any:
-    """Wrap a transformers image classifier so it maps our images ``[N, C, H, W]`` to logits.
+def hf_classifier_module(
+    model: Any, task: TaskSpec, model_channels: int | None = None, model_size: int | None = None
+) -> Any:
+    """Wrap a transformers image classifier as :meth:`TorchClassifier.make_network`'s network.
 
-    Grey images are repeated to the model's channel count and resized to its input size when they
-    differ (a pre-trained checkpoint keeps its own geometry).
+    ``model`` is any ``transformers`` model that takes ``pixel_values`` ``[N, C, H, W]`` and returns an
+    output with ``.logits`` ``[N, num_classes]`` (``ResNetForImageClassification``,
+    ``ViTForImageClassification``, ``ConvNextV2ForImageClassification``...), built with
+    ``num_labels=task.num_classes``. The returned ``torch.nn.Module`` maps the client's float images
+    ``[N, C, H, W]`` in [-1, 1] to those logits; its ``state_dict`` (what the client saves and restores)
+    is the model's under the prefix ``model.``.
+
+    ``model_channels`` and ``model_size`` are the geometry the model expects (default: the task's,
+    ``task.channels`` and ``task.image_size``, right for a model built from a config for this task).
+    Grey images are repeated to ``model_channels`` and images are resized (bilinear) to ``model_size``
+    when they differ, so a pre-trained checkpoint keeps its own geometry; other channel mismatches are
+    a ``ValueError``. :func:`pretrained_hf_classifier` loads a local checkpoint and wraps it::
+
+        class ConvNextV2Client(TorchClassifier):
+            def make_network(self, task):
+                config = transformers.ConvNextV2Config(
+                    num_channels=task.channels, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                    patch_size=2, num_labels=task.num_classes,
+                )
+                return hf_classifier_module(transformers.ConvNextV2ForImageClassification(config), task)
     """
+    model_channels = task.channels if model_channels is None else model_channels
+    model_size = task.image_size if model_size is None else model_size
 
     class HFClassifier(torch.nn.Module):
         def __init__(self) -> None:
@@ -157,8 +179,10 @@ def hf_classifier_module(model: Any, task: TaskSpec, model_channels: int, model_
 
 
 def pretrained_hf_classifier(model_class: Any, path: Any, task: TaskSpec) -> Any:
-    """A transformers image classifier loaded from a local ``save_pretrained`` folder with a new head of
-    ``task.num_classes``, wrapped by :func:`hf_classifier_module` at the checkpoint's own geometry."""
+    """``model_class.from_pretrained(path)`` (a local ``save_pretrained`` folder with ``model.safetensors``:
+    safetensors only, never pickle weights) with a new head of ``task.num_classes``, wrapped by
+    :func:`hf_classifier_module` at the checkpoint's own geometry (``config.num_channels`` and
+    ``config.image_size``, or the task's size when the config has none)."""
     model = model_class.from_pretrained(
         str(path), num_labels=task.num_classes, ignore_mismatched_sizes=True, use_safetensors=True
     )
