@@ -31,11 +31,13 @@ class ImageSet:
         return len(self.images)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
+        """The samples at ``indices``, in that order (captions too)."""
         idx = np.asarray(indices, dtype=np.int64)
         captions = [self.captions[i] for i in idx] if self.captions is not None else None
         return ImageSet(self.images[idx], self.labels[idx], captions)
 
     def class_counts(self, num_classes: int) -> np.ndarray:
+        """int64 ``[num_classes]``: how many samples each class has."""
         return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
 
 
@@ -54,6 +56,7 @@ class TaskSpec:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the task has."""
         return len(self.class_names)
 
 

@@ -210,6 +210,7 @@ class AlignmentBatch:
         return self.soft_labels[np.arange(len(self.class_ids)), self.class_ids]
 
     def subset(self, indices: np.ndarray) -> AlignmentBatch:
+        """The pairs at ``indices``, in that order (a mini-batch; ``class_prompts`` kept whole)."""
         idx = np.asarray(indices, dtype=np.int64)
         return AlignmentBatch(
             self.images[idx],
@@ -250,6 +251,7 @@ class DenoisingStep:
 
     @cached_property
     def predicted_images(self) -> Any:
+        """x̂₀ decoded to pixels ``[B, C, H, W]`` in [-1, 1], computed on first use."""
         return self._decode()
 
     def images_at(self, resolution: int | None) -> Any:
