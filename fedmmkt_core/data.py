@@ -111,3 +111,24 @@ class DistillSet:
     soft_labels: np.ndarray
     weight: float
     temperature: float
+
+
+def class_index_map(names: Sequence[str], onto: Sequence[str], what: str) -> np.ndarray:
+    """``result[j]`` is the index in ``onto`` of class ``names[j]``: classes matched by name, in any order.
+
+    ``what`` names the dataset with ``names`` (``"data.public ('imagefolder')"``); a class of ``onto`` it
+    lacks, one it has beyond ``onto`` or a name it repeats is a :class:`DataError` naming the classes."""
+    names, onto = [str(n) for n in names], [str(n) for n in onto]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    missing = [n for n in onto if n not in names]
+    extra = [n for n in names if n not in onto]
+    if repeated or missing or extra:
+        problems = [f"missing {missing}"] if missing else []
+        problems += [f"extra {extra}"] if extra else []
+        problems += [f"repeated {repeated}"] if repeated else []
+        raise DataError(
+            f"{what} has classes {names}, the clients' dataset has {onto}: {', '.join(problems)} (classes are "
+            "matched by name, in any order; the server's prompts must name exactly the clients' classes)"
+        )
+    position = {name: index for index, name in enumerate(onto)}
+    return np.asarray([position[n] for n in names], dtype=np.int64)

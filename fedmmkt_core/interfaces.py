@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .data import DataSplits, DistillSet, ImageSet, TaskSpec
+from .data import DataSplits, DistillSet, ImageSet, TaskSpec, class_index_map
 from .errors import ClientFailure, DataError, RecipeIssue
 
 if TYPE_CHECKING:
@@ -76,6 +76,31 @@ class Dataset(Component):
     @abstractmethod
     def load(self, seed: int) -> DataSplits:
         """Return the splits; the same seed must give the same splits on every machine."""
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class names :meth:`load` would give, found without loading any image (a folder listing, a
+        header), or None when that needs the data. ``fedmmkt validate`` compares ``data.public``'s with the
+        clients' dataset's (matched by name, in any order); a :class:`DataError` here is left to :meth:`load`."""
+        return None
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe, path: str) -> list[RecipeIssue]:
+        """As ``data.public``: its classes, when both datasets list them without loading, are the clients'."""
+        if path != "data.public" or recipe.data.public is None:
+            return []
+        names: dict[str, tuple[str, ...] | None] = {}
+        for where, spec in (("data.dataset", recipe.data.dataset), (path, recipe.data.public)):
+            try:
+                names[where] = recipe.build("dataset", spec).class_names()
+            except (DataError, OSError):  # unreadable here (a client's node holds no public data): loading reports it
+                return []
+        if names["data.dataset"] is None or names[path] is None:
+            return []
+        try:
+            class_index_map(names[path], names["data.dataset"], f"data.public ('{recipe.data.public.name}')")
+        except DataError as exc:
+            return [RecipeIssue(path, str(exc))]
+        return []
 
 
 class Partitioner(Component):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import DataSplits, ImageSet, ServerData, concatenate_sets
-from .errors import DataError, UserError
+from .data import DataSplits, ImageSet, ServerData, class_index_map, concatenate_sets
+from .errors import UserError
 from .interfaces import Dataset, Partitioner
 from .recipe import Recipe
 from .seeding import derive_seed
@@ -32,13 +32,11 @@ def load_public(recipe: Recipe, class_names: tuple[str, ...]) -> ImageSet:
     dataset = recipe.build("dataset", recipe.data.public)
     assert isinstance(dataset, Dataset)
     public = dataset.load(seed=derive_seed(recipe.seed, "public"))
-    if tuple(public.task.class_names) != tuple(class_names):
-        raise DataError(
-            f"data.public ('{recipe.data.public.name}') has classes {list(public.task.class_names)}, the clients' "
-            f"dataset has {list(class_names)}: the server's prompts must name the clients' classes, in the same order"
-        )
+    # classes matched by name: labels renumbered to the clients' order (an imagefolder's are sorted by name)
+    mapping = class_index_map(public.task.class_names, class_names, f"data.public ('{recipe.data.public.name}')")
     parts = [s for s in (public.train, public.test, public.oracle, public.public, public.validation) if s is not None]
-    return concatenate_sets([s for s in parts if len(s)])
+    joined = concatenate_sets([s for s in parts if len(s)])
+    return ImageSet(joined.images, mapping[joined.labels], joined.captions)
 
 
 def partition(recipe: Recipe, labels: np.ndarray) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ from fedmmkt_plugins.algorithms.fedmmkt import FedMMKT
 from fedmmkt_plugins.datasets.typeset_digits import TypesetDigitsDataset
 from test_fedmmkt import RECIPE
 
-from fedmmkt_core.errors import DataError
+from fedmmkt_core.errors import RecipeError
 from fedmmkt_core.loading import load_server_data
 from fedmmkt_core.recipe import parse_recipe
 from fedmmkt_core.server.runner import Runner
@@ -156,7 +156,8 @@ def test_data_public_replaces_the_public_split_and_must_name_the_same_classes(tm
         "public: {name: typeset-digits, params: {per_class: 5, test_fraction: 0.2, oracle_fraction: 0.0}}",
         f"public: {{name: imagefolder, params: {{root: {folder}, test_fraction: 0.3, oracle_fraction: 0.0}}}}",
     )
-    with pytest.raises(DataError, match="data.public .* has classes .* the clients' dataset has"):
+    # caught by validate (the folder's class names are listed, no image read): missing and extra named
+    with pytest.raises(RecipeError, match=r"data.public .* has classes .* the clients' dataset has .*extra \['circle'"):
         load_server_data(parse_recipe(wrong))
 
 

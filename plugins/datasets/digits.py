@@ -36,6 +36,9 @@ class DigitsDataset(Dataset):
     Config = DigitsConfig
     config: DigitsConfig
 
+    def class_names(self) -> tuple[str, ...]:
+        return DIGIT_NAMES
+
     def load(self, seed: int) -> DataSplits:
         digits = sklearn_datasets.load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]

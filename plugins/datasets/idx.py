@@ -336,6 +336,9 @@ class IDXDataset(Dataset):
     Config = IDXConfig
     config: IDXConfig
 
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.names
+
     def load(self, seed: int) -> DataSplits:
         cfg = self.config
         root = Path(cfg.root)

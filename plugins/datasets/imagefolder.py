@@ -45,15 +45,24 @@ class ImageFolderDataset(Dataset):
     Config = ImageFolderConfig
     config: ImageFolderConfig
 
-    def load(self, seed: int) -> DataSplits:
-        cfg = self.config
-        root = Path(cfg.root)
+    def class_names(self) -> tuple[str, ...]:
+        """The class folders' names, sorted (no image is read)."""
+        return tuple(p.name for p in self._class_dirs())
+
+    def _class_dirs(self) -> list[Path]:
+        root = Path(self.config.root)
         if not root.is_dir():
             raise DataError(f"image folder {root} is not a directory")
-        inside = _resolve(root)
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if len(class_dirs) < 2:
             raise DataError(f"image folder {root} needs at least two class sub-folders, found {len(class_dirs)}")
+        return class_dirs
+
+    def load(self, seed: int) -> DataSplits:
+        cfg = self.config
+        root = Path(cfg.root)
+        class_dirs = self._class_dirs()
+        inside = _resolve(root)
         files: list[Path] = []
         labels: list[int] = []
         for label, class_dir in enumerate(class_dirs):

@@ -52,6 +52,9 @@ class TypesetDigitsDataset(Dataset):
     Config = TypesetDigitsConfig
     config: TypesetDigitsConfig
 
+    def class_names(self) -> tuple[str, ...]:
+        return DIGIT_NAMES
+
     def load(self, seed: int) -> DataSplits:
         try:
             from PIL import Image, ImageDraw, ImageFilter, ImageFont
