@@ -41,6 +41,7 @@ from fedmmkt_core.rundir import (
 )
 from fedmmkt_core.seeding import seed_everything
 from fedmmkt_core.server.context import EventSink, RoundFailed, ServerContext
+from fedmmkt_core.server.failures import crash_message, tracking_phases
 from fedmmkt_core.server.summary import run_summary
 
 log = logging.getLogger("fedmmkt")
@@ -50,6 +51,10 @@ __all__ = ["Runner", "RunFailed", "cache_dir", "load_data"]
 
 class RunFailed(Exception):
     """The run could not go on (e.g. too few clients); the message says why."""
+
+
+class PluginCrashed(RunFailed):
+    """A plugin raised: names it, its package, the round and phase (traceback: log.txt, ``__cause__``)."""
 
 
 def sha256(data: bytes) -> str:
@@ -89,6 +94,7 @@ class Runner:
         self.resume = resume
         self.events: EventSink = events or (lambda *args, **kwargs: None)
         self.backend = backend
+        self._where, self._phase = "set-up", "set-up"  # what the run was doing, for a plugin's crash
 
     def _prepare_directory(self) -> int:
         """Create the run directory's files, or (resume) verify it; return the rounds already completed.
@@ -236,21 +242,28 @@ class Runner:
                 lock.stale.get("started"),
             )
         discard = False
+        keep_log = False
         try:
             return self._run(completed)
         except KeyboardInterrupt:
             raise  # an interrupted run keeps its directory, to resume
-        except BaseException:
+        except BaseException as exc:
             # Any failure before the first round finished (bad data, a crash in set-up...): leave
-            # nothing behind that looks like a result.
+            # nothing behind that looks like a result (a failed run keeps log.txt).
             discard = not self.resume and not self.run_dir.read_metrics()
-            raise
+            registry, keep_log = self.recipe._registry, isinstance(exc, RunFailed)
+            message = None if keep_log else crash_message(exc, registry, self._where, self._phase)
+            if message is None:
+                raise
+            keep_log = True
+            log.error("%s", message, exc_info=exc)  # the traceback goes to log.txt
+            raise PluginCrashed(f"{message} (traceback in {self.run_dir.log_path}; --debug prints it)") from exc
         finally:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             lock.release(restore=not self._committed)
             if discard:
-                self._discard(existed, found)
+                self._discard(existed, found, keep_log)
 
     def _log_file(self) -> logging.Handler:
         handler = logging.FileHandler(self.run_dir.log_path, encoding="utf-8")
@@ -274,9 +287,12 @@ class Runner:
         self._log_handler = handler
         self._committed = True
 
-    def _discard(self, existed: bool, found: set[str]) -> None:
+    def _discard(self, existed: bool, found: set[str], keep_log: bool = False) -> None:
         """Remove what this run wrote: the whole directory when this run created it, else only the paths
-        that were not there when it started (``found``)."""
+        that were not there when it started (``found``); ``keep_log`` keeps log.txt and run.json."""
+        if keep_log:
+            remove_new_paths(self.run_dir.root, found | {self.run_dir.log_path.name, RUN_FILE})
+            return
         if not existed:
             shutil.rmtree(self.run_dir.root, ignore_errors=True)
             return
@@ -286,8 +302,10 @@ class Runner:
         recipe = self.recipe
         log.info("%s run '%s' in %s", "resuming" if completed else "starting", recipe.name, self.run_dir.root)
         seed_everything(recipe.seed)
+        self._phase = "load data"
         data = load_server_data(recipe)
-        ctx = ServerContext(recipe, self.run_dir, data, self.events)
+        self._phase = "build components"
+        ctx = ServerContext(recipe, self.run_dir, data, tracking_phases(self.events))
         if recipe.aggregator is not None:
             ctx.aggregator = recipe.build("aggregator", recipe.aggregator)  # type: ignore[assignment]
         algorithm = recipe.build("algorithm", recipe.algorithm)
@@ -296,6 +314,7 @@ class Runner:
             log.info("algorithm '%s' does not use the generator: not building it", recipe.algorithm.name)
         elif recipe.generator is not None:
             generator = recipe.build("generator", recipe.generator)
+            self._phase = "generator build"
             generator.build(  # type: ignore[attr-defined]
                 ctx.task,
                 seed=ctx.seed_for("generator"),
@@ -313,10 +332,13 @@ class Runner:
         self.logger_failures: list[dict[str, Any]] = []
         ctx.attach_backend(backend)
         ctx.rounds_completed_at_start = completed
+        self._phase = "backend start"
         backend.start(ctx)
         try:
+            self._phase = "algorithm setup"
             algorithm.setup(ctx)
             if completed:
+                self._phase = "resume"
                 self._load_checkpoint(ctx, algorithm, completed)
             self._commit()
             resolved = recipe.resolved()
@@ -326,6 +348,7 @@ class Runner:
             for round_index in range(completed, rounds):
                 row = self._round(ctx, algorithm, round_index)
                 self._notify_loggers("log_round", round_index, row)
+            self._where, self._phase = "after the last round", "finish"
             summary = run_summary(self.recipe, self.run_dir.read_metrics())
             if self.logger_failures:
                 summary["logger_failures"] = self.logger_failures
@@ -376,8 +399,10 @@ class Runner:
         ctx.begin_round(round_index)
         self.events("round_start", round=round_index + 1, rounds=self.recipe.federation.rounds)
         owner = f"algorithm '{self.recipe.algorithm.name}'"
+        self._where, self._phase = f"round {round_index + 1}", "run_round"
         try:
             metrics = check_metrics(algorithm.run_round(ctx, round_index), owner)
+            self._phase = "evaluate"
             metrics.update(check_metrics(algorithm.evaluate(ctx, round_index), owner))
         except RoundFailed as exc:  # its message names the round and phase
             log.error("%s", exc)
@@ -399,12 +424,14 @@ class Runner:
             row[f"seconds_{phase}"] = seconds
         if self.recipe.privacy is not None:
             row["privacy_epsilon"] = self._epsilon_spent(ctx)
+        self._phase = "commit_round"
         ctx.commit_round(round_index)
         row["seconds_round"] = time.perf_counter() - start
         # Metrics first, then the checkpoint: a crash in between re-runs the round on resume and the
         # stale metrics row is dropped (see _prepare_directory).
         self.run_dir.append_metrics(row)
         crash_point("metrics_written")
+        self._phase = "checkpoint"
         self._save_checkpoint(ctx, algorithm, round_index + 1)
         log.info("round %d: %s", round_index + 1, json.dumps({k: v for k, v in row.items() if k != "client_accuracy"}))
         self.events("round_end", round=round_index + 1, metrics=row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -22,7 +23,10 @@ from fedmmkt_core.errors import ClientFailure
 from fedmmkt_core.faults import ClientDropout, crash_point
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.server.context import ServerContext
+from fedmmkt_core.server.failures import find_culprit
 from fedmmkt_core.wire import Message
+
+log = logging.getLogger("fedmmkt")
 
 # The machine's storage failing (disk full, quota, read-only, I/O): stops the run naming the path
 MACHINE_STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
@@ -128,6 +132,9 @@ class InProcessBackend(Backend):
                 replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # the client's fault is reported, the round decides
                 replies[client_id] = ClientFailure(client_id, f"{type(exc).__name__}: {exc}")
+                culprit = find_culprit(exc, getattr(self.ctx.recipe, "_registry", None))
+                where = culprit.label() if culprit is not None else "its code"
+                log.info("client %d: %s raised %s", client_id, where, type(exc).__name__, exc_info=exc)
             if progress is not None:
                 progress(1)
         return replies
