@@ -11,11 +11,12 @@ import difflib
 import importlib
 import importlib.metadata
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pluggy
 
@@ -65,6 +66,8 @@ class Registry:
         self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         #: packages that failed to load: package name -> why (see :class:`PluginLoadWarning`)
         self.broken: dict[str, str] = {}
+        #: packages with a misspelt hook: package -> why; their components are listed, recipes refuse them
+        self.blocked: dict[str, str] = {}
 
     def add(self, registration: Registration) -> None:
         base = KINDS[registration.kind]
@@ -101,7 +104,20 @@ class Registry:
         message = f"unknown {kind.replace('_', ' ')} '{name}'{suggest(name, available)} (available: {listed})"
         for package, reason in self.broken.items():
             message += f"; installed package '{package}' failed to load and may provide it: {reason}"
+        for package, reason in self.blocked.items():
+            message += f"; installed package '{package}' may provide it, but {reason}"
         return message
+
+    def blocked_message(self, registration: Registration) -> str | None:
+        """Why a recipe cannot use ``registration`` (its package implements a misspelt hook), or None."""
+        reason = self.blocked.get(registration.package)
+        if reason is None:
+            return None
+        return (
+            f"{registration.kind.replace('_', ' ')} '{registration.name}' is registered by package "
+            f"'{registration.package}', which cannot be used: {reason}; fix the hook's name in the package "
+            f"(or uninstall it: pip uninstall {registration.package})"
+        )
 
     def __iter__(self):
         for kind in KINDS:
@@ -129,6 +145,7 @@ class PluginManager:
         self._sources: dict[str, tuple[str, str]] = {}
         self._entry_points: set[str] = set()
         self.broken: dict[str, str] = {}
+        self.blocked: dict[str, str] = {}
         builtin = importlib.import_module(BUILTIN_MODULE)
         self.register_module(builtin, package="fedmmkt")
         if load_entry_points is None:
@@ -141,7 +158,7 @@ class PluginManager:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"a plugin implements a hook that does not exist: {exc}") from exc
+            raise PluginError(f"a plugin implements a hook that does not exist: {exc}{_hook_hint(exc)}") from exc
         self.registry = self._collect()
 
     def _load_entry_points(self) -> None:
@@ -153,13 +170,32 @@ class PluginManager:
                 if self.pm.get_plugin(f"{name}:{ep.name}") is not None or self.pm.is_blocked(f"{name}:{ep.name}"):
                     continue
                 try:
-                    plugin = ep.load()
+                    plugin = self._known_hooks_only(ep.load(), name, f"{name}:{ep.name}")
                     self._register(plugin, f"{name}:{ep.name}", (name, dist.version))
                     self.pm.check_pending()
                 except Exception as exc:  # a broken third-party package must not block the others
                     self._skip_broken(name, f"{name}:{ep.name}", exc)
                     continue
                 self._entry_points.add(f"{name}:{ep.name}")
+
+    def _known_hooks_only(self, plugin: object, package: str, plugin_name: str) -> object:
+        """``plugin``, or, when it implements a hook that does not exist (a misspelt name), its other hooks
+        only: the package is then blocked (recipes naming its components are refused, with the name of
+        the unknown hook and the closest real one) and a warning says so; other recipes run."""
+        marked = [attr for attr in dir(plugin) if self.pm.parse_hookimpl_opts(plugin, attr) is not None]
+        unknown = [attr for attr in marked if attr not in hookspecs.HOOK_KINDS]
+        if not unknown:
+            return plugin
+        hooks = hookspecs.HOOK_KINDS
+        reason = "; ".join(f"it implements hook '{a}', which does not exist{suggest(a, hooks)}" for a in unknown)
+        self.blocked[package] = reason
+        warnings.warn(
+            f"plugin package '{package}' ({plugin_name}): {reason}. Recipes that use its components will not "
+            f"validate until the hook's name is fixed; other recipes run",
+            PluginLoadWarning,
+            stacklevel=3,
+        )
+        return SimpleNamespace(**{attr: getattr(plugin, attr) for attr in marked if attr in hookspecs.HOOK_KINDS})
 
     def _skip_broken(self, package: str, plugin_name: str, exc: BaseException) -> None:
         """Leave a package that fails to load or register out, with a warning saying how to skip it."""
@@ -204,7 +240,8 @@ class PluginManager:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise PluginError(f"package '{package}' implements a hook that does not exist: {exc}") from exc
+            hint = _hook_hint(exc)
+            raise PluginError(f"package '{package}' implements a hook that does not exist: {exc}{hint}") from exc
         self.registry = self._collect()
         return self.registry
 
@@ -225,6 +262,7 @@ class PluginManager:
                 self._skip_broken(self._sources[plugin_name][0], plugin_name, exc)
         registry = self._collect_from(None)
         registry.broken = dict(self.broken)
+        registry.blocked = {package: reason for package, reason in self.blocked.items() if package not in self.broken}
         return registry
 
     def _collect_from(self, only: set[str] | None) -> Registry:
@@ -245,6 +283,12 @@ class PluginManager:
 
                 impl.function(register=register)
         return registry
+
+
+def _hook_hint(exc: Exception) -> str:
+    """' — did you mean 'register_x'?' for pluggy's "unknown hook 'NAME'" message."""
+    found = re.search(r"unknown hook '(\w+)'", str(exc))
+    return suggest(found.group(1), hookspecs.HOOK_KINDS) if found else ""
 
 
 def _version_of(package: str) -> str:

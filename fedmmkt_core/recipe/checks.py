@@ -25,6 +25,9 @@ def _validate_component(
         registration = registry.get(kind, spec.name)
     except PluginError:
         return [located(keys + ("name",), registry.unknown_message(kind, spec.name))]
+    blocked = registry.blocked_message(registration)
+    if blocked is not None:  # its package implements a misspelt hook
+        return [located(keys + ("name",), blocked)]
     config_cls = registration.cls.Config
     try:
         spec._config = config_cls.model_validate(spec.params, context={"base_dir": base_dir})
@@ -122,20 +125,54 @@ def _capability_checks(recipe: Recipe, registry: Registry, located) -> list[Reci
         registration = registry.get(kind, spec.name)
         needs = recipe.build(kind, spec).generator_requirements()
         for capability, setting in needs.items():
-            if capability in provided:
+            stub = capability in provided and _only_raises_not_implemented(getattr(generator.cls, capability))
+            if capability in provided and not stub:
                 continue
             keys = tuple(path.split(".")) + (tuple(setting.split(".")) if setting else ())
             why = f" (set by {path}.{setting})" if setting else ""
             has = ", ".join(sorted(provided)) or "none"
+            needed = f"{label} '{spec.name}' ({registration.package}) needs generator capability '{capability}'{why}"
+            if stub:
+                issues.append(
+                    located(
+                        keys,
+                        f"{needed}, which generator '{recipe.generator.name}' ({generator.package}) declares (it "
+                        f"overrides {capability}) but does not implement: its {capability} only raises "
+                        f"NotImplementedError; implement it or remove the override, or choose another generator",
+                    )
+                )
+                continue
             issues.append(
                 located(
                     keys,
-                    f"{label} '{spec.name}' ({registration.package}) needs generator capability "
-                    f"'{capability}'{why}, which generator '{recipe.generator.name}' ({generator.package}) does not "
+                    f"{needed}, which generator '{recipe.generator.name}' ({generator.package}) does not "
                     f"implement (its optional capabilities: {has}); choose another generator or {label}",
                 )
             )
     return issues
+
+
+def _only_raises_not_implemented(method: Any) -> bool:
+    """Whether a method's body (its docstring aside) is one ``raise NotImplementedError...``: a declared
+    capability that is a stub. Best effort: False when the source cannot be read."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return False
+    function = tree.body[0] if tree.body else None
+    if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+        return False
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    if len(body) != 1 or not isinstance(body[0], ast.Raise) or body[0].exc is None:
+        return False
+    raised = body[0].exc.func if isinstance(body[0].exc, ast.Call) else body[0].exc
+    return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"
 
 
 def _non_finite(data: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], float]]:
