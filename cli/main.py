@@ -201,6 +201,8 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readab
     broken = getattr(registry, "broken", {})
     for package in broken:
         out.print(f"[yellow]not loaded[/yellow]: {_escape(package)} (see the warning above)")
+    for package in getattr(registry, "blocked", {}):  # a misspelt hook: recipes that use it are refused
+        out.print(f"[yellow]blocked[/yellow]: {_escape(package)} (see the warning above)")
 
 
 @app.command()

@@ -375,3 +375,5 @@ def test_a_misspelt_hook_on_the_command_line(tmp_path):
     text = " ".join(bad.stderr.split())
     assert "aggregator.name: aggregator 'typo-kd' is registered by package 'typo-plugin-mod'" in text
     assert "did you mean 'register_algorithms'?" in text and "Traceback" not in bad.stderr
+    listed = subprocess.run([*run[:-1], "plugins"], capture_output=True, text=True, env=env)
+    assert listed.returncode == 0 and "typo-kd" in listed.stdout and "blocked: typo-plugin-mod" in listed.stdout
