@@ -114,6 +114,9 @@ def test_readme_results_section_matches_the_result_files():
     text = readme.RESULTS_DOC.read_text(encoding="utf-8")
     generated = text.split(readme.BEGIN, 1)[1].split(readme.END, 1)[0]
     assert readme.BEGIN + generated + readme.END == readme.render(), "run: python -m benchmarks readme"
+    archive = text.split(readme.ARCHIVE_BEGIN, 1)[1].split(readme.ARCHIVE_END, 1)[0]
+    assert readme.ARCHIVE_BEGIN + archive + readme.ARCHIVE_END == readme.render_archive()
+    assert "split, before the latent fix" not in generated and "seed, before the latent fix" not in generated
     headline = readme.README.read_text(encoding="utf-8")
     generated = headline.split(readme.HEADLINE_BEGIN, 1)[1].split(readme.HEADLINE_END, 1)[0]
     assert readme.HEADLINE_BEGIN + generated + readme.HEADLINE_END == readme.render_headline()
