@@ -81,33 +81,53 @@ FINE_TUNE_FIELDS = (
 )  # fmt: skip
 
 
+TRANSFER_FIELDS = {"base_fraction": 1.0, "transfer_policy": "fixed"}  # FedMMKT's transfer-set settings, defaults
+TRANSFER_ALGORITHMS = {"fedmmkt", "fedmmkt-no-feedback", "fedmmkt-frozen-generator"}  # whose transfer set they set
+
+
 def generator_training(recipe_path: Path) -> dict[str, Any]:
-    """How the recipe trains its generator, defaults filled in: ``pretrain`` (the base's pre-training) and
-    ``fine_tune`` (the LoRA fine-tuning settings), each ``None`` where the generator has none. A run of a
-    generator algorithm records both; runs measured under other settings are labelled in the table and are
+    """How the recipe trains its generator, defaults filled in: ``pretrain`` (the base's pre-training),
+    ``fine_tune`` (the LoRA fine-tuning settings), each ``None`` where the generator has none, and
+    ``transfer`` (which generator draws the clients' transfer set: :data:`TRANSFER_FIELDS`). A run of a
+    generator algorithm records them; runs measured under other settings are labelled in the table and are
     not reused when the benchmark resumes."""
     from fedmmkt_core.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
+    transfer = {k: recipe.algorithm.params.get(k, default) for k, default in TRANSFER_FIELDS.items()}
     if recipe.generator is None:
-        return {"pretrain": None, "fine_tune": None}
+        return {"pretrain": None, "fine_tune": None, "transfer": transfer}
     dumped = recipe.build("generator", recipe.generator).config.model_dump(mode="json")
     fine_tune = {k: dumped[k] for k in FINE_TUNE_FIELDS if k in dumped} or None
-    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune}
+    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune, "transfer": transfer}
+
+
+def run_transfer(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The transfer-set settings a run used: recorded, else read from its ``algorithm=`` override (runs
+    measured before they were recorded); None for algorithms whose transfer set they do not set."""
+    if run["algorithm"] not in TRANSFER_ALGORITHMS:
+        return None
+    if "transfer" in run:
+        return run["transfer"]
+    spec = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith("algorithm=")), None)
+    params = json.loads(spec).get("params", {}) if spec else {}
+    return {k: params.get(k, default) for k, default in TRANSFER_FIELDS.items()}
 
 
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
-    """A run's algorithm, marked when it trained the generator otherwise than ``current`` (from
-    :func:`generator_training`)."""
+    """A run's algorithm, marked when it trained the generator or drew its transfer set otherwise than
+    ``current`` (from :func:`generator_training`)."""
     if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
-        if any(run.get(key, value) != value for key, value in current.items()):
+        differs = any(run.get(key, value) != value for key, value in current.items() if key != "transfer")
+        transfer = run_transfer(run)
+        if differs or (transfer is not None and "transfer" in current and transfer != current["transfer"]):
             return f"{run['algorithm']} {OTHER_GENERATOR}"
     return run["algorithm"]
 
 
 def merge_key(run: dict[str, Any]) -> tuple:
-    """A run's cell and generator training: one run per key survives a merge of result files."""
-    training = json.dumps([run.get("pretrain"), run.get("fine_tune")])
+    """A run's cell, generator training and transfer set: one run per key survives a merge of result files."""
+    training = json.dumps([run.get("pretrain"), run.get("fine_tune"), run_transfer(run)])
     return run["client_set"], run["alpha"], run["seed"], run["algorithm"], training
 
 

@@ -118,15 +118,18 @@ def margins(rows: list[dict[str, Any]]) -> str:
 
 def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
     """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
-    from .quality import label
+    from .quality import label, run_transfer
 
     found = []
     for run in runs:
         if label(run, current) == run["algorithm"]:
             continue
         changes = []
-        for part in ("pretrain", "fine_tune"):
-            theirs, ours = run.get(part) or {}, current.get(part) or {}
+        for part in ("pretrain", "fine_tune", "transfer"):
+            theirs = (run_transfer(run) if part == "transfer" else run.get(part)) or {}
+            ours = current.get(part) or {}
+            if part == "transfer" and not theirs:
+                continue
             prefix = "pretrain." if part == "pretrain" else ""
             changes += [
                 f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)

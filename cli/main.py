@@ -162,8 +162,10 @@ def partition(
 ) -> None:
     """Write each client's training share to OUT/client_K, to hand each site its own data.
 
-    Exactly the share the recipe's partitioner cuts for client K (same images, labels, order). A Flower
-    SuperNode started with --node-config "data-root=OUT/client_K" trains on it (see docs/flower.md)."""
+    Exactly the share the recipe's partitioner cuts for client K (same images, labels, order), plus the
+    split the clients are evaluated on (data.evaluate_on) as evaluation.safetensors, the same in every
+    folder. A Flower SuperNode started with --node-config "data-root=OUT/client_K" trains and evaluates
+    on that folder alone and never loads the dataset (see docs/flower.md)."""
     from fedmmkt_core.client import write_partition
 
     loaded = _guard(_load, recipe, set_)

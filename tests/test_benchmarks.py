@@ -91,6 +91,22 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
     assert readme.other_training(runs, current) == "`pretrain.steps=1500`; or `fine_tune_snr_gamma=2.0`"
 
 
+def test_runs_with_another_transfer_set_are_labelled_even_when_measured_before_it_was_recorded():
+    current = {"pretrain": None, "fine_tune": None, "transfer": {"base_fraction": 0.5, "transfer_policy": "fixed"}}
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, "pretrain": None, "fine_tune": None}
+    old_style = 'algorithm={"name": "fedmmkt", "params": {"base_fraction": 1.0}}'  # no "transfer" field
+    runs = [
+        {**cell, "algorithm": "fedmmkt", "overrides": ["seed=0", old_style], "client_accuracy_mean": 0.7},
+        {**cell, "algorithm": "fedmmkt", "transfer": current["transfer"], "client_accuracy_mean": 0.8},
+        {**cell, "algorithm": "fedmmkt-ceiling-generator", "overrides": [old_style], "client_accuracy_mean": 0.9},
+    ]
+    assert [quality.label(r, current) for r in runs] == [
+        "fedmmkt (another generator training)", "fedmmkt", "fedmmkt-ceiling-generator"  # its set is never the base's
+    ]
+    assert len({quality.merge_key(r) for r in runs}) == 3
+    assert readme.other_training(runs, current) == "`base_fraction=1.0`"
+
+
 def test_fedavg_cells_only_for_one_architecture():
     cells = [(c, a) for c in quality.CLIENT_SETS for a in quality.ALGORITHMS if quality.valid(a, c)]
     assert ("heterogeneous", "fedavg") not in cells and ("homogeneous", "fedavg") in cells

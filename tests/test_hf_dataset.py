@@ -204,6 +204,20 @@ def test_config_checks():
         HFDiskConfig.model_validate({"path": ".", "channels": 2})
 
 
+def test_class_names_without_loading_images(tmp_path, monkeypatch):
+    labelled = dataset(save_digits(tmp_path / "labelled"))
+    images, labels = digits_rows(per_class=4)
+    words = [["seven", "apple", "kiwi"][y] for y in labels]
+    hf.Dataset.from_dict({"image": images, "label": words}, features=hf.Features(
+        {"image": hf.Image(), "label": hf.Value("string")})).save_to_disk(str(tmp_path / "plain"))  # fmt: skip
+    plain = dataset(tmp_path / "plain", image_size=8, channels=1)
+    monkeypatch.setattr(HFDiskDataset, "_images", lambda *a: pytest.fail("class_names() decoded images"))
+    assert labelled.class_names() == ("zero", "one", "two")
+    assert plain.class_names() == ("apple", "kiwi", "seven")  # sorted values, as load() gives them
+    with pytest.raises(DataError, match="column 'kind' not found"):
+        dataset(tmp_path / "plain", label_column="kind").class_names()
+
+
 def test_module_import_does_not_import_datasets():
     code = (
         "import sys, fedmmkt_plugins.datasets.hf_disk; "

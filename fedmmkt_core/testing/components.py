@@ -165,6 +165,13 @@ class DatasetTests(_ComponentTests):
         np.testing.assert_array_equal(first.train.labels, second.train.labels)
         np.testing.assert_array_equal(first.test.images, second.test.images)
 
+    def test_class_names_without_loading_agree_with_load(self) -> None:
+        """``class_names()`` (None allowed) gives the names :meth:`Dataset.load` gives, in the same order."""
+        dataset = self.make()
+        names = dataset.class_names()
+        if names is not None:
+            assert tuple(names) == tuple(dataset.load(seed=0).task.class_names), "class_names() disagrees with load()"
+
 
 class LoggerTests(_ComponentTests):
     """A logger accepts a run's lifecycle without error."""

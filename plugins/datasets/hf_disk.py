@@ -45,14 +45,20 @@ class HFDiskDataset(Dataset):
     Config = HFDiskConfig
     config: HFDiskConfig
 
+    def class_names(self) -> tuple[str, ...]:
+        """The label's ClassLabel names, else its sorted values (the label column only; no image is read)."""
+        data, where = self._open()
+        column = self.config.label_column
+        _check_columns(data, where, [column])
+        feature = data.features[column]
+        if isinstance(feature, hf_datasets.ClassLabel):
+            return tuple(str(name) for name in feature.names)
+        return self._labels(feature, data.with_format("arrow")[column].to_pylist(), where)[0]
+
     def load(self, seed: int) -> DataSplits:
         cfg = self.config
         data, where = self._open()
-        for column in (cfg.image_column, cfg.label_column, cfg.caption_column):
-            if column is not None and column not in data.column_names:
-                raise DataError(
-                    f"column '{column}' not found in {where}; columns: {', '.join(data.column_names) or 'none'}"
-                )
+        _check_columns(data, where, [c for c in (cfg.image_column, cfg.label_column, cfg.caption_column) if c])
         if len(data) == 0:
             raise DataError(f"{where} has no rows")
         raw = data.with_format("arrow")
@@ -161,6 +167,14 @@ class HFDiskDataset(Dataset):
                 raise DataError(f"{where}: row {row} has an empty or non-text caption in column '{column}'")
             captions.append(caption)
         return captions
+
+
+def _check_columns(data: Any, where: str, columns: list[str]) -> None:
+    for column in columns:
+        if column not in data.column_names:
+            raise DataError(
+                f"column '{column}' not found in {where}; columns: {', '.join(data.column_names) or 'none'}"
+            )
 
 
 def _to_pil(value: Any) -> Any:
