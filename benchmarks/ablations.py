@@ -34,6 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     "base_fraction=0.5": ["algorithm.params.base_fraction=0.5"],
     "base_fraction=1": ["algorithm.params.base_fraction=1.0"],
     "transfer=judged": ["algorithm.params.transfer_policy=judged", "algorithm.params.base_fraction=0.5"],
+    "base_fraction=0.5,fine_tune_on=base": ["algorithm.params.base_fraction=0.5", "algorithm.params.fine_tune_on=base"],
     "frozen-generator": ["algorithm.name=fedmmkt-frozen-generator"],
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],

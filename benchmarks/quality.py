@@ -81,7 +81,7 @@ FINE_TUNE_FIELDS = (
 )  # fmt: skip
 
 
-TRANSFER_FIELDS = {"base_fraction": 1.0, "transfer_policy": "fixed"}  # FedMMKT's transfer-set settings, defaults
+TRANSFER_FIELDS = ("base_fraction", "transfer_policy")  # FedMMKT's settings of who draws the transfer set
 TRANSFER_ALGORITHMS = {"fedmmkt", "fedmmkt-no-feedback", "fedmmkt-frozen-generator"}  # whose transfer set they set
 
 
@@ -94,7 +94,7 @@ def generator_training(recipe_path: Path) -> dict[str, Any]:
     from fedmmkt_core.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    transfer = {k: recipe.algorithm.params.get(k, default) for k, default in TRANSFER_FIELDS.items()}
+    transfer = transfer_settings(recipe.algorithm.params)
     if recipe.generator is None:
         return {"pretrain": None, "fine_tune": None, "transfer": transfer}
     dumped = recipe.build("generator", recipe.generator).config.model_dump(mode="json")
@@ -110,8 +110,15 @@ def run_transfer(run: dict[str, Any]) -> dict[str, Any] | None:
     if "transfer" in run:
         return run["transfer"]
     spec = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith("algorithm=")), None)
-    params = json.loads(spec).get("params", {}) if spec else {}
-    return {k: params.get(k, default) for k, default in TRANSFER_FIELDS.items()}
+    return transfer_settings(json.loads(spec).get("params", {}) if spec else {})
+
+
+def transfer_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """:data:`TRANSFER_FIELDS` of FedMMKT's parameters, its defaults filled in."""
+    from fedmmkt_plugins.algorithms.fedmmkt import FedMMKTConfig
+
+    defaults = FedMMKTConfig().model_dump()
+    return {k: params.get(k, defaults[k]) for k in TRANSFER_FIELDS}
 
 
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:

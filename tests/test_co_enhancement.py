@@ -196,6 +196,19 @@ def test_fixed_policy_keeps_base_fraction_and_judged_needs_generate_base():
     assert _algorithm(base_fraction=0.0).generator_requirements() == {}
 
 
+def test_fine_tune_on_base_trains_the_adapter_on_the_base_images_only_while_clients_see_both(tmp_path):
+    recipe = parse_recipe(
+        RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt, params: {base_fraction: 0.5, fine_tune_on: base, ")
+    )
+    Runner(recipe, tmp_path / "run").run()
+    rows = _rows(tmp_path / "run")
+    assert [row["synthetic_images"] for row in rows] == [40, 40]  # the clients score and distil on both sources
+    assert [row["adapter_images"] for row in rows] == [20, 20]
+    assert [row["generator_pool"] for row in rows] == [20, 40]  # the base's 20 per round, replayed
+    with pytest.raises(RecipeError, match=r"algorithm.params.fine_tune_on.*base_fraction: 0 draws none"):
+        parse_recipe(RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt, params: {fine_tune_on: base, "))
+
+
 def test_ceiling_generator_clients_see_only_the_generator_fine_tuned_on_pooled_real_images(tmp_path):
     recipe = parse_recipe(
         RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt-ceiling-generator, params: {base_fraction: 1.0, ")

@@ -41,8 +41,8 @@ class FedMMKTConfig(ComponentConfig):
         le=1,
         description="transfer_policy 'fixed': share of each class's synthetic pairs drawn from the frozen base "
         "generator (adapter off) for the clients' transfer set, the rest from the adapted generator; "
-        "'judged': the first round's share. The adapter is fine-tuned on them all the same. 0 needs no "
-        "generate_base",
+        "'judged': the first round's share. The adapter is fine-tuned on both sources' images unless "
+        "fine_tune_on is base. 0 needs no generate_base",
     )
     transfer_policy: Literal["fixed", "judged"] = Field(
         "fixed",
@@ -52,6 +52,12 @@ class FedMMKTConfig(ComponentConfig):
         "share of that class is sigmoid((a_adapter - a_base) / judge_temperature), kept within "
         "[probe_fraction, 1 - probe_fraction] so both sources are judged every round (on-policy feedback). "
         "Needs generate_base",
+    )
+    fine_tune_on: Literal["all", "base"] = Field(
+        "all",
+        description="which of the round's scored pairs the adapter is fine-tuned on: all (its own images "
+        "included, on-policy) or base (only the frozen base's images: the adapter never trains on its own "
+        "samples, while the clients still distil on them). base needs base images (base_fraction > 0 or judged)",
     )
     probe_fraction: float = Field(
         0.2, ge=0, le=0.5, description="judged: least share of each class's images from either source"
@@ -128,6 +134,16 @@ class FedMMKT(Algorithm):
                     "alignment_losses",
                     f"algorithm '{name}' fine-tunes the generator and needs at least one alignment loss "
                     "(e.g. - name: weighted-denoising)",
+                )
+            )
+        params = recipe.algorithm.params
+        no_base = params.get("transfer_policy", "fixed") == "fixed" and params.get("base_fraction", 0.0) == 0
+        if cls.update_generator and params.get("fine_tune_on") == "base" and no_base:
+            issues.append(
+                RecipeIssue(
+                    "algorithm.params.fine_tune_on",
+                    "fine_tune_on: base fine-tunes the adapter on the frozen base's transfer images, and "
+                    "base_fraction: 0 draws none; set base_fraction above 0 or fine_tune_on: all",
                 )
             )
         return issues
@@ -235,7 +251,8 @@ class FedMMKT(Algorithm):
         excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
         if excluded:
             metrics["kd_excluded"] = list(excluded)
-        seen = batch if self.replay is None else concatenate(self.replay, batch)
+        scored = batch if cfg.fine_tune_on == "all" else batch.subset(np.flatnonzero(from_base))
+        seen = scored if self.replay is None else concatenate(self.replay, scored)
         if self.update_generator:
             training = self.generator_training_batch(ctx, seen, round_index)
             with ctx.phase("generator_update"):
