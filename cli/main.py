@@ -165,15 +165,28 @@ def partition(
     Exactly the share the recipe's partitioner cuts for client K (same images, labels, order), plus the
     split the clients are evaluated on (data.evaluate_on) as evaluation.safetensors, the same in every
     folder. A Flower SuperNode started with --node-config "data-root=OUT/client_K" trains and evaluates
-    on that folder alone and never loads the dataset (see docs/flower.md)."""
+    on that folder alone and never loads the dataset (see docs/flower.md). OUT/server holds the server's
+    splits (evaluation, oracle, public): with data.server_folder=OUT/server the server never loads the
+    dataset either."""
     from fedmmkt_core.client import write_partition
+    from fedmmkt_core.loading import cut_server_data
+    from fedmmkt_core.server_folder import write_server_folder
 
     loaded = _guard(_load, recipe, set_)
     _guard(_check_output_folder, out_dir, "partition folder")
     folders = _guard(write_partition, loaded, out_dir, doing=f"writing the partition into {out_dir}")
+    source = {"recipe": loaded.name, "seed": loaded.seed, "dataset": loaded.data.dataset.name}
+    server = _guard(
+        lambda: write_server_folder(out_dir / "server", cut_server_data(loaded), loaded.data.evaluate_on, source),
+        doing=f"writing the server's folder into {out_dir / 'server'}",
+    )
     for folder in folders:
         out.print(_escape(str(folder)))
-    out.print(f"[green]ok[/green]: {len(folders)} client folders in {_escape(str(out_dir))}")
+    out.print(_escape(str(server)))
+    out.print(
+        f"[green]ok[/green]: {len(folders)} client folders and the server's folder in {_escape(str(out_dir))} "
+        f"(the server reads its own with --set data.server_folder={_escape(str(server))})"
+    )
 
 
 @app.command()

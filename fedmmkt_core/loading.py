@@ -14,6 +14,7 @@ from .errors import UserError
 from .interfaces import Dataset, Partitioner
 from .recipe import Recipe
 from .seeding import derive_seed
+from .server_folder import read_server_folder
 
 
 def load_splits(recipe: Recipe) -> DataSplits:
@@ -66,6 +67,14 @@ def evaluation_split(recipe: Recipe, splits: DataSplits) -> ImageSet:
 
 
 def load_server_data(recipe: Recipe) -> ServerData:
-    """What the server holds: no client training data, no partition."""
+    """What the server holds: no client training data, no partition. With ``data.server_folder`` read from
+    that folder alone (the dataset is never loaded); else cut from the recipe's dataset."""
+    if recipe.data.server_folder is not None:
+        return read_server_folder(recipe.data.server_folder, recipe.data.evaluate_on)
+    return cut_server_data(recipe)
+
+
+def cut_server_data(recipe: Recipe) -> ServerData:
+    """The server's splits cut from the recipe's dataset (what ``fedmmkt partition`` writes to OUT/server)."""
     splits = load_splits(recipe)
     return ServerData(splits.task, evaluation_split(recipe, splits), splits.oracle, splits.public)

@@ -40,6 +40,10 @@ def _existing(value: Path, info: ValidationInfo) -> Path:
 InputPath = Annotated[Path, AfterValidator(_existing)]
 """A file or folder that must exist (resolved against the recipe's folder)."""
 
+RecipePath = Annotated[Path, AfterValidator(_resolve)]
+"""A path resolved against the recipe's folder that need not exist where the recipe is read (a folder only
+one party holds: the server's data folder is absent on a client's node)."""
+
 
 def _safetensors_folder(value: Path, info: ValidationInfo) -> Path:
     path = _existing(value, info)

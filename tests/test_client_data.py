@@ -28,7 +28,7 @@ def test_partition_writes_each_clients_exact_share(tmp_path):
     result = partition(tmp_path / "parts")
     assert result.exit_code == 0, result.output
     recipe = load_recipe(SMOKE, THREE_CLIENTS)
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["client_0", "client_1", "client_2"]
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["client_0", "client_1", "client_2", "server"]
     cut = ClientFactory(recipe)
     sizes = []
     for k in range(3):
@@ -128,3 +128,77 @@ def test_the_evaluation_file_is_checked(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="version 1 .no evaluation split.: write the folder again"):
         read_client_folder(folder)
+
+
+def test_the_servers_folder_holds_its_splits_and_a_run_from_it_never_loads_the_dataset_on_the_server(
+    tmp_path, monkeypatch
+):
+    """OUT/server holds exactly what load_server_data cuts; a run with data.server_folder gives the same
+    metrics while the server side never cuts anything from the recipe's dataset."""
+    import fedmmkt_core.loading
+    from fedmmkt_core.loading import cut_server_data
+    from fedmmkt_core.server.runner import Runner
+    from fedmmkt_core.server_folder import read_server_folder
+
+    assert partition(tmp_path / "parts").exit_code == 0
+    cheap = [  # a short pre-training and a small transfer set: the data, not the quality, is under test
+        *THREE_CLIENTS, "federation.rounds=1", "algorithm.params.samples_per_class=4",
+        "algorithm.params.eval_samples_per_class=4", "generator.params.pretrain.vae_steps=10",
+        "generator.params.pretrain.steps=20", "generator.params.fine_tune_steps=3",
+    ]  # fmt: skip
+    recipe = load_recipe(SMOKE, cheap)
+    folder = tmp_path / "parts" / "server"
+    written, cut = read_server_folder(folder, "test"), cut_server_data(recipe)
+    assert written.task == cut.task
+    for name in ("evaluation", "oracle", "public"):
+        np.testing.assert_array_equal(getattr(written, name).images, getattr(cut, name).images)
+        np.testing.assert_array_equal(getattr(written, name).labels, getattr(cut, name).labels)
+        assert getattr(written, name).captions == getattr(cut, name).captions
+    Runner(recipe, tmp_path / "from-dataset").run()
+
+    def refuse(recipe):
+        raise AssertionError("the server cut its splits from the recipe's dataset")
+
+    monkeypatch.setattr(fedmmkt_core.loading, "cut_server_data", refuse)
+    own = load_recipe(SMOKE, [*cheap, f"data.server_folder={folder}"])
+    Runner(own, tmp_path / "from-folder").run()
+
+    def metrics(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.startswith(("seconds", "wall", "time"))} for row in rows]
+
+    assert metrics("from-folder") == metrics("from-dataset")
+
+
+def test_the_servers_folder_is_checked(tmp_path):
+    from fedmmkt_core.server_folder import read_server_folder
+
+    assert partition(tmp_path / "parts").exit_code == 0
+    folder = tmp_path / "parts" / "server"
+    with pytest.raises(DataError, match="written for data.evaluate_on 'test', the recipe has 'validation'"):
+        read_server_folder(folder, "validation")
+    blob = bytearray((folder / "oracle.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (folder / "oracle.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(DataError, match=r"oracle\.safetensors: its sha256 differs"):
+        read_server_folder(folder, "test")
+    with pytest.raises(DataError, match="not a server data folder"):
+        read_server_folder(tmp_path / "parts" / "client_0" / "nothing", "test")
+    missing = load_recipe(SMOKE, [f"data.server_folder={tmp_path / 'absent'}"])  # parsed where it is absent
+    from fedmmkt_core.loading import load_server_data
+
+    with pytest.raises(DataError, match="not a server data folder"):
+        load_server_data(missing)
+
+
+def test_the_nodes_recipe_never_names_the_servers_folder(tmp_path):
+    pytest.importorskip("flwr")
+    from fedmmkt_plugins.backends.flower.packaging import client_recipe_text
+
+    from fedmmkt_core.recipe import parse_recipe
+
+    recipe = load_recipe(SMOKE, [f"data.server_folder={tmp_path / 'server'}"])
+    assert recipe.data.server_folder == (tmp_path / "server").resolve()
+    text = client_recipe_text(recipe)
+    assert "server_folder" not in text and str(tmp_path) not in text
+    assert parse_recipe(text).data.server_folder is None  # a node parses it without the server's folder

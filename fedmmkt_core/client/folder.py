@@ -25,17 +25,15 @@ informational. Every array file is checked against its sha256 in the manifest be
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fedmmkt_core.arrayfile import read_image_set, save_image_set
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
-from fedmmkt_core.rundir import atomic_write_json, save_safetensors
+from fedmmkt_core.rundir import atomic_write_json
 
 FORMAT = "fedmmkt-client-data"
 VERSION = 2  # 1: no evaluation split (the node loaded the recipe's dataset for it)
@@ -77,11 +75,6 @@ class ClientFolder:
             )
 
 
-def _save(path: Path, data: ImageSet) -> str:
-    save_safetensors(path, {"images": data.images, "labels": data.labels.astype(np.int64)})
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_client_folder(
     folder: Path,
     client_id: int,
@@ -104,53 +97,17 @@ def write_client_folder(
         "channels": task.channels,
         "caption_template": task.caption_template,
         "num_samples": len(train),
-        "sha256": _save(folder / ARRAYS, train),
+        "sha256": save_image_set(folder / ARRAYS, train),
         "captions": list(train.captions) if train.captions is not None else None,
         "evaluation": {
             "split": evaluate_on,
             "num_samples": len(evaluation),
-            "sha256": _save(folder / EVALUATION, evaluation),
+            "sha256": save_image_set(folder / EVALUATION, evaluation),
             "captions": list(evaluation.captions) if evaluation.captions is not None else None,
         },
         "source": source,
     }
     atomic_write_json(folder / MANIFEST, manifest)
-
-
-def _read_arrays(
-    path: Path,
-    manifest_path: Path,
-    digest: str,
-    num_samples: int,
-    geometry: tuple[int, int],
-    num_classes: int,
-    captions: Any,
-) -> ImageSet:
-    """One array file of the folder, checked against its sha256 before it is decoded."""
-    from safetensors.numpy import load
-
-    if not path.is_file():
-        raise DataError(f"{path} is missing (the manifest {manifest_path} names it; see `fedmmkt partition`)")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != digest:
-        raise DataError(f"{path}: its sha256 differs from the one in {MANIFEST} (changed or truncated)")
-    try:
-        arrays = load(blob)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    images, labels = arrays.get("images"), arrays.get("labels")
-    shape = (num_samples, geometry[0], geometry[0], geometry[1])
-    if images is None or images.dtype != np.uint8 or images.shape != shape:
-        raise DataError(f"{path}: 'images' must be uint8 {shape}")
-    if labels is None or labels.dtype != np.int64 or labels.shape != (num_samples,):
-        raise DataError(f"{path}: 'labels' must be int64 ({num_samples},)")
-    if num_samples and not (0 <= labels.min() and labels.max() < num_classes):
-        raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
-    if captions is not None and (
-        not isinstance(captions, list) or len(captions) != num_samples or not all(isinstance(c, str) for c in captions)
-    ):
-        raise DataError(f"{manifest_path}: the captions of {path.name} must be null or {num_samples} strings")
-    return ImageSet(images, labels, captions)
 
 
 def read_client_folder(folder: Path) -> ClientFolder:
@@ -185,10 +142,10 @@ def read_client_folder(folder: Path) -> ClientFolder:
         raise DataError(f"{manifest_path}: missing or malformed field ({exc})") from None
     if "{name}" not in caption_template:
         raise DataError(f"{manifest_path}: 'caption_template' must contain '{{name}}'")
-    train = _read_arrays(
+    train = read_image_set(
         folder / ARRAYS, manifest_path, digest, num_samples, geometry, len(class_names), manifest.get("captions")
     )
-    held_out = _read_arrays(
+    held_out = read_image_set(
         folder / EVALUATION,
         manifest_path,
         eval_digest,

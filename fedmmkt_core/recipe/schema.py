@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..faults import FaultSpec
 from ..interfaces import Component, ComponentConfig
+from ..paths import RecipePath
 from ..plugins import Registry
 from ..privacy import SoftLabelPrivacy
 from .limits import MAX_CLIENTS, MAX_ROUND_TIMEOUT, MAX_SEED, RUN_NAME
@@ -56,6 +57,12 @@ class DataSection(_Strict):
         "test",
         description="the split client accuracy, CAS reference and Fréchet distance are measured on: choose "
         "defaults on 'validation', report on 'test'",
+    )
+    server_folder: RecipePath | None = Field(
+        None,
+        description="the server side's data from this folder (OUT/server, written by `fedmmkt partition`): "
+        "evaluation, oracle and public splits; the server never loads the dataset (its machine need not hold "
+        "the clients' images)",
     )
 
 

@@ -52,6 +52,7 @@ def client_recipe_text(recipe: Recipe) -> str:
 
     resolved = recipe.resolved()
     keep = {k: resolved[k] for k in ("fedmmkt", "name", "seed", "data", "clients", "federation")}
+    keep["data"] = {k: v for k, v in keep["data"].items() if k != "server_folder"}  # the server's alone
     keep.update(algorithm={"name": "local", "params": {}}, loggers=[])
     return dump_yaml(keep)
 
