@@ -269,7 +269,8 @@ def loop_section(data: dict[str, Any] | None, file: str) -> list[str]:
         "split and the selection oracle; `fedmmkt` is the recipe (transfer set from the frozen base, so its clients "
         "are the frozen-generator ablation's), `no-feedback` the step-matched control, `transfer=judged` the "
         "on-policy transfer policy, `base_fraction=0.5` and `base_fraction=0` fixed shares of adapter images in "
-        "the clients' transfer set (half, all). Mean ± std over seeds; CAS and Fréchet distance with their start "
+        "the clients' transfer set (half, all), `fine_tune_on=base` half of them while the adapter trains on "
+        "the base's half only. Mean ± std over seeds; CAS and Fréchet distance with their start "
         "in brackets.",
         "",
         "| variant | validation acc. mean | acc. min | generator CAS (start) | Fréchet (start) | seeds |",
