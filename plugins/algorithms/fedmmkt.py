@@ -136,9 +136,9 @@ class FedMMKT(Algorithm):
                     "(e.g. - name: weighted-denoising)",
                 )
             )
-        params = recipe.algorithm.params
-        no_base = params.get("transfer_policy", "fixed") == "fixed" and params.get("base_fraction", 0.0) == 0
-        if cls.update_generator and params.get("fine_tune_on") == "base" and no_base:
+        cfg: FedMMKTConfig = recipe.algorithm.config  # type: ignore[assignment]  # validated before cross-checks
+        no_base = cfg.transfer_policy == "fixed" and cfg.base_fraction == 0
+        if cls.update_generator and cfg.fine_tune_on == "base" and no_base:
             issues.append(
                 RecipeIssue(
                     "algorithm.params.fine_tune_on",
