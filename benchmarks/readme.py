@@ -202,9 +202,7 @@ def quality_section(
                 )
             if other and any(r["algorithm"].endswith(OTHER_GENERATOR) for r in rows):
                 lines += ["", f"*{OTHER_GENERATOR.strip('()')}*: measured with {other} (the recipe's settings then)."]
-            comparisons = [
-                p for p in data.get("paired", []) if p["client_set"] == client_set and p["alpha"] == alpha
-            ]
+            comparisons = [p for p in data.get("paired", []) if p["client_set"] == client_set and p["alpha"] == alpha]
             lines += ["", *(paired_table(comparisons) if comparisons else [margins(rows)]), ""]
     return lines
 

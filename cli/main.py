@@ -415,12 +415,22 @@ def federation_up(
         Path | None,
         typer.Option("--data", help="a folder written by `fedmmkt partition`: node K trains on its client_K"),
     ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="HTTPS with a CA and certificate written to WORKDIR/credentials")
+    ] = False,
+    auth: Annotated[
+        bool,
+        typer.Option(
+            "--auth", help="admit only SuperNodes whose key was registered; bind each client id to its node's key"
+        ),
+    ] = False,
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1; stop them all on Ctrl-C.
 
     Node k holds partition-id k (with --data, node k's node config also names data-root=DATA/client_k).
-    Then run a recipe on it with
-    `fedmmkt run R --set 'backend={name: flower, params: {superlink: "127.0.0.1:PORT", insecure: true}}'`."""
+    Then run a recipe on it with the `--set 'backend=...'` line it prints. With --tls the SuperLink serves
+    HTTPS (a CA made for this federation); with --auth every node authenticates with its own key pair,
+    registered before it starts, and the printed backend binds each client id to its node."""
     import signal
     import tempfile
     import time
@@ -444,7 +454,16 @@ def federation_up(
     if workdir is not None:
         _guard(_check_output_folder, workdir, "--workdir")
     folder = workdir or Path(tempfile.mkdtemp(prefix="fedmmkt-federation-"))
-    federation = _guard(LocalFederation, nodes, folder, port=port or None, data=data, doing="starting the federation")
+    federation = _guard(
+        LocalFederation,
+        nodes,
+        folder,
+        port=port or None,
+        data=data,
+        tls=tls,
+        authenticate_nodes=auth,
+        doing="starting the federation",
+    )
 
     def _interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -455,13 +474,12 @@ def federation_up(
     try:
         for name, proc in federation.processes.items():
             out.print(f"{name}: pid {proc.pid} (log {folder / (name + '.log')})")
-        out.print(
-            f"SuperLink at [bold]{federation.address}[/bold] (insecure, loopback only); Ctrl-C stops every process"
-        )
-        out.print(
-            f"run a recipe: fedmmkt run R --set 'backend={{name: flower, params: "
-            f'{{superlink: "{federation.address}", insecure: true}}}}\''
-        )
+        transport = "TLS" if tls else "insecure, loopback only"
+        if auth:
+            transport += f", {nodes} authenticated SuperNodes (client -> node id in {folder / 'node_ids.json'})"
+        out.print(f"SuperLink at [bold]{federation.address}[/bold] ({transport}); Ctrl-C stops every process")
+        backend = json.dumps({"name": "flower", "params": federation.backend_params()})
+        out.print(f"run a recipe: fedmmkt run R --set 'backend={backend}'", soft_wrap=True, highlight=False)
         while all(proc.poll() is None for proc in federation.processes.values()):
             time.sleep(1.0)
         _fail("a federation process exited; see the logs in " + str(folder), 1)

@@ -101,7 +101,9 @@ def test_runs_with_another_transfer_set_are_labelled_even_when_measured_before_i
         {**cell, "algorithm": "fedmmkt-ceiling-generator", "overrides": [old_style], "client_accuracy_mean": 0.9},
     ]
     assert [quality.label(r, current) for r in runs] == [
-        "fedmmkt (another generator training)", "fedmmkt", "fedmmkt-ceiling-generator"  # its set is never the base's
+        "fedmmkt (another generator training)",
+        "fedmmkt",
+        "fedmmkt-ceiling-generator",  # its set is never the base's
     ]
     assert len({quality.merge_key(r) for r in runs}) == 3
     assert readme.other_training(runs, current) == "`base_fraction=1.0`"

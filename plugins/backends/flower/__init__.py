@@ -15,16 +15,19 @@ Modules, by responsibility (none imports flwr at module level, so the registry s
 ``client_app``  the ClientApp's handler: node config, per-node data, client state on the node's disk
 ``packaging``   the app folder and run config ``flwr run`` submits; deployment and simulation launch
 ``processes``   executables, environment, ports, finding and ending every process a run started
-``federation``  :class:`LocalFederation`: a SuperLink and SuperNodes on 127.0.0.1
+``federation``  :class:`LocalFederation`: a SuperLink and SuperNodes on 127.0.0.1 (optionally TLS and
+                authenticated nodes)
+``credentials`` a TLS CA and server certificate, and SuperNode key pairs
 """
 
-from fedmmkt_plugins.backends.flower.backend import WIRE_FILE, FlowerBackend, FlowerConfig
+from fedmmkt_plugins.backends.flower.backend import NODES_FILE, WIRE_FILE, FlowerBackend, FlowerConfig
 from fedmmkt_plugins.backends.flower.codec import flower_nbytes, from_records, to_records
 from fedmmkt_plugins.backends.flower.federation import LocalFederation
 from fedmmkt_plugins.backends.flower.processes import SIM_TOKEN, free_port, processes_with_token, require_flwr
 from fedmmkt_plugins.backends.flower.runlock import STATUS_FILE
 
 __all__ = [
+    "NODES_FILE",
     "SIM_TOKEN",
     "STATUS_FILE",
     "WIRE_FILE",

@@ -21,7 +21,7 @@ from pydantic import Field
 from fedmmkt_core.errors import ClientFailure, UserError
 from fedmmkt_core.interfaces import Backend, ComponentConfig
 from fedmmkt_core.paths import InputPath
-from fedmmkt_core.rundir import atomic_write_bytes, atomic_write_text
+from fedmmkt_core.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fedmmkt_core.wire import DEFAULT_MAX_BYTES, Message
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedmmkt")
 
 WIRE_FILE = "flower_wire.jsonl"  # bytes per message as Flower serializes it vs the toolkit's count
+NODES_FILE = "flower_nodes.json"  # client -> node, and the nodes refused (node_ids) with the reason
 REPLIES_FOLDER = "flower_replies"  # record_replies: every reply as it arrived from its node
 FLOWER_TYPES = {"fit": "train", "evaluate": "evaluate"}  # everything else travels as "query"
 
@@ -50,6 +51,13 @@ class FlowerConfig(ComponentConfig):
         None,
         description="deployment: use this named SuperLink connection from your Flower config "
         "($FLWR_HOME/config.toml, e.g. one set up by `flwr login`) instead of superlink/insecure",
+    )
+    node_ids: dict[int, int] | None = Field(
+        None,
+        description="deployment: client id -> the node id Flower assigned to that client's SuperNode key "
+        "(`flwr supernode register` prints it; `fedmmkt federation up --auth` writes node_ids.json). A node "
+        "that answers for a client it is not bound to is refused and recorded in RUN_DIR/flower_nodes.json. "
+        "Binding means something only on a SuperLink started with --enable-supernode-auth",
     )
     node_wait_seconds: float = Field(
         120.0, gt=0, description="how long the ServerApp waits for every client's SuperNode to register"
@@ -111,6 +119,14 @@ class FlowerBackend(Backend):
         self.start_round = ctx.rounds_completed_at_start
         self.current_round = self.start_round
         self.node_of: dict[int, int] = {}
+        self.refused: dict[int, str] = {}  # node id -> why it may not serve any client of this run
+        bound = self.config.node_ids
+        if bound is not None:
+            unknown = sorted(set(bound) - {c.client_id for c in ctx.clients})
+            if unknown:
+                raise UserError(f"backend.params.node_ids: client ids {unknown} are not in the recipe")
+            if len(set(bound.values())) != len(bound):
+                raise UserError("backend.params.node_ids: two clients are bound to one node id")
         self.wire_rows: list[dict[str, Any]] = []
         self._drop_wire_rows_after(self.start_round)
         wanted = len(ctx.clients)
@@ -144,7 +160,12 @@ class FlowerBackend(Backend):
         """Ask every new SuperNode which client (partition-id) it holds."""
         alive = set(self.grid.get_node_ids())
         self.node_of = {cid: node for cid, node in self.node_of.items() if node in alive}
-        new = sorted(alive - set(self.node_of.values()))
+        new = sorted(alive - set(self.node_of.values()) - set(self.refused))
+        bound = self.config.node_ids
+        if bound is not None:
+            for node in [n for n in new if n not in bound.values()]:
+                self._refuse(node, "its node id is bound to no client of this run (backend.params.node_ids)")
+            new = [n for n in new if n in bound.values()]
         if not new:
             return
         task = self.ctx.task  # a node with its own data folder checks its classes and geometry against it
@@ -162,9 +183,28 @@ class FlowerBackend(Backend):
                     f"SuperNode {-key} holds partition-id {client_id}, but the recipe has {len(self.ctx.clients)} "
                     "clients (ids 0..N-1)"
                 )
+            if bound is not None and bound.get(client_id) != -key:
+                self._refuse(-key, f"it answers for client {client_id}, which is bound to node {bound.get(client_id)}")
+                continue
             if client_id in self.node_of and self.node_of[client_id] != -key:
                 raise UserError(f"two SuperNodes ({self.node_of[client_id]} and {-key}) hold partition-id {client_id}")
             self.node_of[client_id] = -key
+        self._write_nodes()
+
+    def _refuse(self, node: int, reason: str) -> None:
+        log.warning("SuperNode %s refused: %s", node, reason)
+        self.refused[node] = reason
+        self._write_nodes()
+
+    def _write_nodes(self) -> None:
+        """RUN_DIR/flower_nodes.json: which node serves which client, and the nodes refused and why."""
+        atomic_write_json(
+            self.ctx.run_dir.root / NODES_FILE,
+            {
+                "client_to_node": {str(c): n for c, n in sorted(self.node_of.items())},
+                "refused": {str(n): why for n, why in sorted(self.refused.items())},
+            },
+        )
 
     def exchange(
         self,
