@@ -6,6 +6,7 @@ Every process is started in its own session and stopped by process group in a ``
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -217,3 +218,30 @@ def test_resume_after_the_server_side_is_killed_mid_run(tmp_path, federation, in
     assert rows_without_timing(out) == rows_without_timing(inprocess_reference)
     wire = [json.loads(line)["round"] for line in (out / WIRE_FILE).read_text().splitlines()]
     assert wire.count(2) == wire.count(1) > 0  # round 2's rows once, although it started twice
+
+
+def test_a_submitter_sharing_no_filesystem_gets_the_run_back_through_flower(
+    tmp_path, federation, inprocess_reference
+):
+    server_side = tmp_path / "superlink-machine"
+    params = f'{{superlink: "{federation.address}", insecure: true, server_dir: "{server_side}"}}'
+    submitter = tmp_path / "submitter"
+    result = run_cli([*THREE_CLIENTS, f"backend={{name: flower, params: {params}}}"], submitter)
+    assert result.exit_code == 0, result.output
+    assert "@@fedmmkt" not in result.output  # the files' marker lines are taken out of the stream
+    key = json.loads((submitter / "flower_run.json").read_text())["run_key"]
+    served = server_side / key
+    assert (served / "checkpoints" / "state.json").exists()  # the run itself lives on the server's machine
+    assert not (submitter / "checkpoints").exists()
+    assert rows_without_timing(submitter) == rows_without_timing(inprocess_reference)
+    for name in ("metrics.jsonl", "summary.json", "flower_status.json", "flower_wire.jsonl", "run.json"):
+        assert (submitter / name).read_bytes() == (served / name).read_bytes(), name
+    # --resume from the submitter's folder alone (its recipe and run key): the server's copy is continued.
+    assert (submitter / "samples").is_dir()  # the sample grids came back too
+    for path in submitter.iterdir():
+        if path.name not in ("flower_run.json", "recipe.resolved.yaml"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = cli.invoke(app, ["run", "--resume", str(submitter)])
+    assert resumed.exit_code == 0, resumed.output
+    assert rows_without_timing(submitter) == rows_without_timing(inprocess_reference)
+    assert json.loads((submitter / "summary.json").read_text())["rounds_completed"] == 2

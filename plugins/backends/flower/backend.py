@@ -52,6 +52,14 @@ class FlowerConfig(ComponentConfig):
         description="deployment: use this named SuperLink connection from your Flower config "
         "($FLWR_HOME/config.toml, e.g. one set up by `flwr login`) instead of superlink/insecure",
     )
+    server_dir: str | None = Field(
+        None,
+        description="deployment: an absolute folder on the ServerApp's machine (the SuperLink's) where the run "
+        "directory is written, as SERVER_DIR/RUN_KEY; for a `fedmmkt run` that shares no filesystem with the "
+        "SuperLink: the run's files (metrics, summary, status, grids; not checkpoints) come back through "
+        "Flower's log stream into --out, and --resume continues the server's copy. Default: the ServerApp "
+        "writes --out itself (a shared filesystem)",
+    )
     node_ids: dict[int, int] | None = Field(
         None,
         description="deployment: client id -> the node id Flower assigned to that client's SuperNode key "

@@ -155,7 +155,23 @@ def write_flwr_home(flwr_home: Path, connection: str, conn: list[str]) -> None:
 def launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
     if config.connection is None:
         check_reachable(config.superlink)
+    if config.server_dir is not None and not config.server_dir.startswith("/"):
+        raise UserError(
+            f"backend.params.server_dir must be an absolute path on the SuperLink's machine, got '{config.server_dir}'"
+        )
     values = run_config(config, runner)
+    receiver = None
+    if config.server_dir is not None:  # the ServerApp writes on its machine; the files come back in the stream
+        from fedmmkt_core.recipe import dump_yaml
+        from fedmmkt_core.rundir import atomic_write_text
+
+        values["out-dir"] = f"{config.server_dir.rstrip('/')}/{values['run-key']}"
+        values["stream-results"] = True
+        if not runner.resume:  # what --resume needs to find the run again: its recipe, its key
+            atomic_write_text(runner.run_dir.recipe_path, dump_yaml(runner.recipe.resolved()))
+        from fedmmkt_plugins.backends.flower.results import RunFileReceiver
+
+        receiver = RunFileReceiver(runner.run_dir.root.resolve())
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-") as tmp:
         app_dir = write_app(Path(tmp), values)
         if config.connection is not None:
@@ -168,7 +184,7 @@ def launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
             write_flwr_home(flwr_home, connection, conn)
         env = child_env(flwr_home)
         command = [flwr_exe(), "run", str(app_dir), connection, "--stream"]
-        run_id, tail = stream(command, env)
+        run_id, tail = stream(command, env, receiver)
     where = config.connection or config.superlink
     return result(runner, run_id, tail, f"flwr run could not start the run on {where}", "see `flwr log RUN_ID`")
 
@@ -192,8 +208,9 @@ def result(runner: Runner, run_id: int | None, tail: list[str], not_started: str
     return json.loads(runner.run_dir.summary_path.read_text(encoding="utf-8"))
 
 
-def stream(command: list[str], env: dict[str, str]) -> tuple[int | None, list[str]]:
-    """Run ``flwr run --stream``, echo its output, return the run id and the last lines."""
+def stream(command: list[str], env: dict[str, str], receiver: Any = None) -> tuple[int | None, list[str]]:
+    """Run ``flwr run --stream``, echo its output, return the run id and the last lines. With a
+    :class:`~.results.RunFileReceiver`, the run files' marker lines go to it instead."""
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -202,6 +219,8 @@ def stream(command: list[str], env: dict[str, str]) -> tuple[int | None, list[st
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if receiver is not None and receiver.feed(line):
+                continue
             sys.stderr.write(line)
             tail = (tail + [line.rstrip()])[-40:]
             match = re.search(r"Successfully started run (\d+)", line)
@@ -220,6 +239,8 @@ def stream(command: list[str], env: dict[str, str]) -> tuple[int | None, list[st
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if receiver is not None:
+            receiver.close()
     return run_id, tail
 
 

@@ -11,9 +11,11 @@ from typing import Any
 
 from fedmmkt_plugins.backends.flower.backend import FlowerBackend
 from fedmmkt_plugins.backends.flower.codec import unb64
+from fedmmkt_plugins.backends.flower.packaging import RUN_FILE
 from fedmmkt_plugins.backends.flower.runlock import STATUS_FILE, run_lock
 
 from fedmmkt_core.errors import UserError
+from fedmmkt_core.rundir import atomic_write_json
 
 log = logging.getLogger("fedmmkt")
 
@@ -26,6 +28,9 @@ def serve(grid: Any, context: Any) -> None:
     config = context.run_config
     out = Path(str(config["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
+    if config.get("stream-results", False) and not (out / RUN_FILE).exists():
+        # the submitter keeps its own copy of the run key; this marks the server's copy as a run directory
+        atomic_write_json(out / RUN_FILE, {"run_key": str(config["run-key"])})
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(levelname)s fedmmkt: %(message)s"))
     log.addHandler(handler)
@@ -54,3 +59,7 @@ def serve(grid: Any, context: Any) -> None:
         (out / STATUS_FILE).write_text(json.dumps(status), encoding="utf-8")
         if lock is not None:
             lock.close()
+        if config.get("stream-results", False):  # a submitter without our filesystem: send the files
+            from fedmmkt_plugins.backends.flower.results import emit_run_files
+
+            emit_run_files(out, write=lambda line: print(line, flush=True))
