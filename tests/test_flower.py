@@ -220,9 +220,7 @@ def test_resume_after_the_server_side_is_killed_mid_run(tmp_path, federation, in
     assert wire.count(2) == wire.count(1) > 0  # round 2's rows once, although it started twice
 
 
-def test_a_submitter_sharing_no_filesystem_gets_the_run_back_through_flower(
-    tmp_path, federation, inprocess_reference
-):
+def test_a_submitter_sharing_no_filesystem_gets_the_run_back_through_flower(tmp_path, federation, inprocess_reference):
     server_side = tmp_path / "superlink-machine"
     params = f'{{superlink: "{federation.address}", insecure: true, server_dir: "{server_side}"}}'
     submitter = tmp_path / "submitter"
