@@ -68,9 +68,10 @@ class FedMMKTConfig(ComponentConfig):
     replay_buffer: int = Field(
         2000,
         ge=0,
-        description="synthetic pairs of earlier rounds kept with their soft labels: the generator is fine-tuned "
-        "on them again and the clients distil on all of them (a growing, diverse set keeps the generator from "
-        "collapsing onto a few aligned samples); 0 = only the last round's set",
+        description="synthetic pairs of earlier rounds kept with the soft labels they got then: the generator is "
+        "fine-tuned on them again (a growing, diverse set keeps it from collapsing onto a few aligned samples); "
+        "the clients distil only on the last round's set, and the kept labels are not re-scored; "
+        "0 = only the last round's set",
     )
     client_targets: Literal["ensemble", "prompt", "agreed"] = Field(
         "agreed",
