@@ -13,6 +13,7 @@ Modules, by responsibility (none imports flwr at module level, so the registry s
 ``backend``     :class:`FlowerBackend` (the registered ``flower`` backend) and its config: server side
 ``server_app``  the ServerApp's main: a Runner with the backend bound to the ServerApp's grid
 ``client_app``  the ClientApp's handler: node config, per-node data, client state on the node's disk
+``node_worker`` ``warm=true``: one long-lived client worker per node, the ClientApp its messenger
 ``packaging``   the app folder and run config ``flwr run`` submits; deployment and simulation launch
 ``processes``   executables, environment, ports, finding and ending every process a run started
 ``federation``  :class:`LocalFederation`: a SuperLink and SuperNodes on 127.0.0.1 (optionally TLS and

@@ -10,6 +10,9 @@ Node config (``flower-supernode --node-config``):
                    first message). Without it the node loads the recipe's dataset and cuts partition K.
 ``state-dir``      where the node keeps its client weights between messages and runs (default:
                    ``data-root/.fedmmkt-state``); what ``fedmmkt run --resume`` needs
+``warm``           ``true``: a node with a state folder hands each message to its long-lived worker
+                   (:mod:`.node_worker`) instead of building the client in every ClientApp process
+                   (``fedmmkt federation up`` sets it)
 ``client-secret``  this node's own DP randomness (see :meth:`ClientRuntime.noise_rng`)
 ``dp-noise-multiplier``, ``dp-delta``, ``dp-max-epsilon``
                    this site's own privacy settings and budget (also from the node's environment,
@@ -163,16 +166,36 @@ def _client_id(node_config: Any, num_clients: int) -> int:
 
 
 def _client_reply(message: Any, context: Any) -> Message:
-    from fedmmkt_core.recipe import parse_recipe
-
     limit = int(context.run_config.get("max-message-bytes", DEFAULT_MAX_BYTES))
     request = from_records(message.content, limit)
     round_index, start_round = round_from_records(message.content) or (0, 0)
+    root = _state_root(context)
+    if root is not None and _warm(context):
+        from fedmmkt_plugins.backends.flower.node_worker import worker_reply
+
+        return worker_reply(root, request, round_index, start_round, context, limit)
+    return client_reply(request, round_index, start_round, context, build_factory)
+
+
+def _warm(context: Any) -> bool:
+    """Hand messages to the node's long-lived worker (:mod:`.node_worker`)? Where the node config says
+    ``warm=true``, and never in a simulation (Ray's actors are long-lived already)."""
+    if os.environ.get(SIM_TOKEN):
+        return False
+    return str(context.node_config.get("warm", "false")).lower() in ("true", "1", "yes")
+
+
+def client_reply(request: Message, round_index: int, start_round: int, context: Any, factory: Any) -> Message:
+    """This node's reply to ``request`` (the round it belongs to, the round the run started from).
+    ``context`` gives ``node_config``, ``run_config``, ``run_id`` (and ``state`` for a node without a
+    state folder); ``factory(recipe, context)`` builds the :class:`~fedmmkt_core.client.ClientFactory`."""
+    from fedmmkt_core.recipe import parse_recipe
+
     recipe = parse_recipe(unb64(str(context.run_config["client-recipe"])))
     node_config = context.node_config
     client_id = _client_id(node_config, recipe.num_clients)
     if request.type == "hello" and "task" in request.config:  # a data-root folder must fit the server's task
-        _factory(recipe, context).check_task(_server_task(request.config["task"]))
+        factory(recipe, context).check_task(_server_task(request.config["task"]))
     root = _state_root(context)
     if root is None:
         if start_round > 0:
@@ -195,7 +218,7 @@ def _client_reply(message: Any, context: Any) -> Message:
         state.claim(flower_run, start_round)
         if request.type == "hello":
             return Message("hello_reply", {"client_id": client_id})
-        runtime = _factory(recipe, context).build(client_id, ledger=state.store.ledger(client_id))
+        runtime = factory(recipe, context).build(client_id, ledger=state.store.ledger(client_id))
         weights = state.load(round_index)
         if weights is not None:
             runtime.model.set_weights(weights)
@@ -223,7 +246,8 @@ def run_privacy(run_config: Any) -> Any:
     return SoftLabelPrivacy.model_validate(json.loads(unb64(text))) if text else None
 
 
-def _factory(recipe: Any, context: Any) -> Any:
+def build_factory(recipe: Any, context: Any) -> Any:
+    """The :class:`~fedmmkt_core.client.ClientFactory` of this node for ``recipe``."""
     from fedmmkt_core.client import ClientFactory
     from fedmmkt_core.privacy import SitePrivacy
 
@@ -248,7 +272,7 @@ def _reply_in_memory(request: Message, context: Any, recipe: Any, client_id: int
 
     kept = context.state.config_records.get(LEDGER_STATE)
     ledger = PrivacyLedger(entries=json.loads(str(kept["uploads"])) if kept is not None else [])
-    runtime = _factory(recipe, context).build(client_id, ledger=ledger)
+    runtime = build_factory(recipe, context).build(client_id, ledger=ledger)
     stored = context.state.array_records.get(WEIGHTS_STATE)
     if stored is not None:
         runtime.model.set_weights(load(bytes(stored["weights"].data)))

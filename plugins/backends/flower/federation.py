@@ -29,6 +29,9 @@ class LocalFederation:
     training data, ``data-root=data/client_k``, and it keeps its client state under that folder;
     without, it gets ``state-dir=workdir/state-k`` for its client state (what ``--resume`` needs).
 
+    ``warm`` gives every node ``warm=true``: one long-lived client worker per node (see
+    :mod:`.node_worker`) instead of a fresh ClientApp build per message.
+
     With ``tls`` the SuperLink serves HTTPS with a certificate signed by a CA written to
     ``workdir/credentials`` (:attr:`tls_files`); with ``authenticate_nodes`` it admits only SuperNodes
     whose public key was registered (``--enable-supernode-auth``): each node gets its own key pair,
@@ -49,8 +52,10 @@ class LocalFederation:
         data: Path | None = None,
         tls: bool = False,
         authenticate_nodes: bool = False,
+        warm: bool = True,
     ):
         self.num_nodes = num_nodes
+        self.warm = warm
         self.tls = tls
         self.authenticate_nodes = authenticate_nodes
         self.tls_files: TlsFiles | None = None
@@ -106,6 +111,8 @@ class LocalFederation:
         """Node k's ``--node-config`` (Flower's ``key=value`` pairs, strings as TOML strings)."""
         pid = k if partition_id is None else partition_id
         pairs = [f"partition-id={pid}", f"num-partitions={self.num_nodes}"]
+        if self.warm:
+            pairs.append("warm=true")
         if self.data is not None:
             pairs.append(f"data-root={json.dumps(str(self.data / f'client_{k}'))}")
         else:

@@ -1,0 +1,239 @@
+"""A warm client process per SuperNode, so a Flower round costs about what it costs in-process.
+
+Flower starts a new ClientApp process for every message: Python, torch and transformers imported again,
+the node's data loaded again, for each ``fit`` and ``evaluate``. With a state folder (``state-dir`` or
+``data-root``) and ``warm=true``, the ClientApp instead hands the decoded message to this node's worker, a long-lived
+process listening on a Unix socket in that folder (``worker.sock``, mode 0600), and returns its reply.
+The worker runs exactly the in-process handler (:func:`.client_app.client_reply`, weights read from and
+written to the node's disk per round as before); it keeps only what is read-only across messages (the
+imports, each recipe's :class:`~fedmmkt_core.client.ClientFactory` with its loaded data).
+
+The first ClientApp that finds no worker starts one (in its own process group, so Flower ending that
+ClientApp does not end the worker). The worker exits when the SuperNode that started it is gone, or after
+``IDLE_SECONDS`` without a message. Frames are length-prefixed: a JSON header, then the toolkit's wire
+encoding of the message, bounded by the run's ``max-message-bytes`` (nothing is unpickled). A node opts
+in with ``--node-config 'warm=true'`` (``fedmmkt federation up`` does).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fedmmkt_core.errors import UserError
+from fedmmkt_core.wire import Message
+
+SOCKET_NAME = "worker.sock"
+IDLE_SECONDS = 900.0
+HEADER_LIMIT = 1 << 20
+_LENGTH = struct.Struct(">Q")
+
+
+def send_frame(conn: socket.socket, data: bytes) -> None:
+    conn.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def recv_frame(conn: socket.socket, limit: int) -> bytes:
+    head = _recv_exact(conn, _LENGTH.size)
+    (size,) = _LENGTH.unpack(head)
+    if size > limit:
+        raise UserError(f"a frame of {size} bytes exceeds the limit of {limit}")
+    return _recv_exact(conn, size)
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        chunk = conn.recv(min(size - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection mid-frame")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+# ----------------------------------------------------------------------------- the ClientApp's side
+def worker_reply(
+    root: Path,
+    request: Message,
+    round_index: int,
+    start_round: int,
+    context: Any,
+    limit: int,
+    watch_pid: int | None = None,
+) -> Message:
+    """Send ``request`` to this node's worker (starting it if none runs, to live as long as process
+    ``watch_pid``, by default this ClientApp's SuperNode) and return its reply."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / SOCKET_NAME
+    header = {
+        "node_config": {str(k): v for k, v in dict(context.node_config).items()},
+        "run_config": {str(k): v for k, v in dict(context.run_config).items()},
+        "run_id": int(context.run_id),
+        "round_index": round_index,
+        "start_round": start_round,
+        "limit": limit,
+    }
+    conn = _connect(path) or _start_worker(root, path, watch_pid or _supernode_pid())
+    with conn:
+        send_frame(conn, json.dumps(header).encode("utf-8"))
+        send_frame(conn, request.encode())
+        return Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+        return conn
+    except OSError:
+        conn.close()
+        return None
+
+
+def _supernode_pid() -> int:
+    """The SuperNode this ClientApp runs under (its nearest ancestor named flower-supernode), else the
+    parent process."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"flower-supernode" in cmdline:
+                return pid
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+            pid = int(stat[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid <= 1:
+            break
+    return os.getppid()
+
+
+def _start_worker(root: Path, path: Path, watch_pid: int, wait_seconds: float = 120.0) -> socket.socket:
+    """Start the node's worker unless another ClientApp is starting it; wait for its socket."""
+    with open(root / "worker.start.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # one starter at a time; the others then find its socket
+        conn = _connect(path)
+        if conn is not None:
+            return conn
+        path.unlink(missing_ok=True)
+        log = open(root / "worker.log", "ab")  # noqa: SIM115 - the worker's
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(path), str(watch_pid)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + wait_seconds
+        while time.monotonic() < deadline:
+            conn = _connect(path)
+            if conn is not None:
+                return conn
+            if proc.poll() is not None:
+                tail = (root / "worker.log").read_text(errors="replace")[-1500:]
+                raise UserError(f"the node's client worker exited with code {proc.returncode}:\n{tail}")
+            time.sleep(0.05)
+        raise UserError(f"the node's client worker did not listen on {path} within {wait_seconds:g} s")
+
+
+# ----------------------------------------------------------------------------- the worker's side
+class Worker:
+    """Serves one node's ClientApps: one message at a time, factories cached per recipe and node."""
+
+    def __init__(self, path: Path, watch_pid: int | None, idle_seconds: float = IDLE_SECONDS):
+        self.path = Path(path)
+        self.watch_pid = watch_pid
+        self.idle_seconds = idle_seconds
+        self.factories: dict[str, Any] = {}
+
+    def alive(self) -> bool:
+        if self.watch_pid is None:
+            return True
+        try:
+            state = Path(f"/proc/{self.watch_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    def serve(self) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.path.unlink(missing_ok=True)
+        old = os.umask(0o177)  # the socket is the node owner's alone
+        try:
+            listener.bind(str(self.path))
+        finally:
+            os.umask(old)
+        listener.listen(8)
+        listener.settimeout(1.0)
+        (self.path.parent / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
+        last = time.monotonic()
+        try:
+            while self.alive() and time.monotonic() - last < self.idle_seconds:
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(None)
+                    self.handle(conn)
+                last = time.monotonic()
+        finally:
+            listener.close()
+            self.path.unlink(missing_ok=True)
+
+    def handle(self, conn: socket.socket) -> None:
+        from fedmmkt_plugins.backends.flower.client_app import client_reply
+
+        try:
+            header = json.loads(recv_frame(conn, HEADER_LIMIT))
+            limit = int(header["limit"])
+            request = Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
+        except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
+            print(f"refused a malformed request: {type(exc).__name__}: {exc}", flush=True)
+            return
+        context = SimpleNamespace(
+            node_config=header["node_config"], run_config=header["run_config"], run_id=header["run_id"], state=None
+        )
+        try:
+            reply = client_reply(
+                request, int(header["round_index"]), int(header["start_round"]), context, self.factory
+            )
+        except Exception as exc:  # the server records it as this client's failure
+            reply = Message("error", {"reason": f"{type(exc).__name__}: {exc}"})
+        try:
+            send_frame(conn, reply.encode())
+        except OSError as exc:  # the ClientApp is gone (Flower stopped it): the weights are on disk anyway
+            print(f"could not send the reply: {exc}", flush=True)
+
+    def factory(self, recipe: Any, context: Any) -> Any:
+        from fedmmkt_plugins.backends.flower.client_app import build_factory
+
+        key = json.dumps(
+            [context.run_config.get("client-recipe"), context.run_config.get("client-privacy"), context.node_config],
+            sort_keys=True,
+        )
+        if key not in self.factories:
+            self.factories = {key: build_factory(recipe, context)}  # one recipe at a time: data stays bounded
+        return self.factories[key]
+
+
+def main(argv: list[str]) -> None:
+    path, watch = Path(argv[0]), int(argv[1]) if len(argv) > 1 else None
+    Worker(path, watch).serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

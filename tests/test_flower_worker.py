@@ -1,0 +1,77 @@
+"""A node's warm client worker (``warm=true``): the same replies as a ClientApp that builds its client
+itself, one worker per node across messages, gone when its SuperNode is."""
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from test_fedmmkt import RECIPE
+
+from fedmmkt_core.wire import Message
+
+pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from fedmmkt_plugins.backends.flower import node_worker  # noqa: E402
+from test_flower_node_state import fit  # noqa: E402
+from test_flower_privacy import flower_task, node_context, node_reply  # noqa: E402,F401  (a fixture)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_warm_node_answers_as_a_cold_one_and_its_worker_ends_with_its_supernode(
+    tmp_path, monkeypatch, flower_task
+):
+    supernode = subprocess.Popen(["sleep", "600"])  # stands in for the SuperNode the worker outlives not
+    monkeypatch.setattr(node_worker, "_supernode_pid", lambda: supernode.pid)
+    warm = node_context(RECIPE, {"state-dir": str(tmp_path / "warm"), "warm": "true"})
+    cold = node_context(RECIPE, {"state-dir": str(tmp_path / "cold")})
+    worker_pid = None
+    try:
+        first = node_reply(warm, fit())
+        assert first.type == "fit_reply", first.config
+        worker_pid = int((tmp_path / "warm" / "worker.pid").read_text())
+        assert worker_pid != os.getpid() and alive(worker_pid)
+        expected = node_reply(cold, fit())
+        np.testing.assert_array_equal(first.arrays["logits"], expected.arrays["logits"])
+        assert (tmp_path / "warm" / "default" / "client_1" / "client_1.r0.safetensors").exists()
+
+        evaluated = node_reply(warm, Message("evaluate", {}), round_index=1)
+        assert evaluated.type == "evaluate_reply"
+        assert evaluated.config == node_reply(cold, Message("evaluate", {}), round_index=1).config
+        assert int((tmp_path / "warm" / "worker.pid").read_text()) == worker_pid  # the same worker, warm
+
+        wrong = np.zeros((2, 5, 5, 3), np.uint8)  # not the task's geometry: the worker reports it, lives on
+        broken = node_reply(warm, Message("fit", {"seed": 3}, {"predict_images": wrong}))
+        assert broken.type == "error" and alive(worker_pid)
+    finally:
+        supernode.kill()
+        supernode.wait()
+    assert worker_pid is not None
+    assert wait_until(lambda: not alive(worker_pid), 15), "the worker outlived its SuperNode"
+    assert not (tmp_path / "warm" / node_worker.SOCKET_NAME).exists()
+
+
+def test_a_frame_over_the_limit_is_refused_before_it_is_read(tmp_path):
+    import socket
+
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(node_worker._LENGTH.pack(1 << 40))
+        with pytest.raises(Exception, match="exceeds the limit"):
+            node_worker.recv_frame(right, 1 << 20)
