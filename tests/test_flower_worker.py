@@ -34,9 +34,7 @@ def wait_until(condition, seconds: float) -> bool:
     return True
 
 
-def test_a_warm_node_answers_as_a_cold_one_and_its_worker_ends_with_its_supernode(
-    tmp_path, monkeypatch, flower_task
-):
+def test_a_warm_node_answers_as_a_cold_one_and_its_worker_ends_with_its_supernode(tmp_path, monkeypatch, flower_task):
     supernode = subprocess.Popen(["sleep", "600"])  # stands in for the SuperNode the worker outlives not
     monkeypatch.setattr(node_worker, "_supernode_pid", lambda: supernode.pid)
     warm = node_context(RECIPE, {"state-dir": str(tmp_path / "warm"), "warm": "true"})

@@ -42,6 +42,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,7 +174,8 @@ def _client_reply(message: Any, context: Any) -> Message:
     if root is not None and _warm(context):
         from fedmmkt_plugins.backends.flower.node_worker import worker_reply
 
-        return worker_reply(root, request, round_index, start_round, context, limit)
+        entry = [sys.executable, "-m", __name__, "--node-worker"]
+        return worker_reply(root, request, round_index, start_round, context, limit, entry)
     return client_reply(request, round_index, start_round, context, build_factory)
 
 
@@ -286,3 +288,9 @@ def _reply_in_memory(request: Message, context: Any, recipe: Any, client_id: int
         array = Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
         context.state[WEIGHTS_STATE] = ArrayRecord(array_dict={"weights": array})
     return reply
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--node-worker"]:  # this node's warm worker (see .node_worker)
+    from fedmmkt_plugins.backends.flower.node_worker import main
+
+    main(sys.argv[2:], client_reply, build_factory)

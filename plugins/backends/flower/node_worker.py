@@ -23,8 +23,8 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,10 +69,12 @@ def worker_reply(
     start_round: int,
     context: Any,
     limit: int,
+    entry: list[str],
     watch_pid: int | None = None,
 ) -> Message:
-    """Send ``request`` to this node's worker (starting it if none runs, to live as long as process
-    ``watch_pid``, by default this ClientApp's SuperNode) and return its reply."""
+    """Send ``request`` to this node's worker and return its reply. If none runs, start one with the
+    command ``entry + [SOCKET, PID]`` (the handler's module runs :func:`main`), to live as long as
+    process PID, by default this ClientApp's SuperNode."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / SOCKET_NAME
     header = {
@@ -83,7 +85,7 @@ def worker_reply(
         "start_round": start_round,
         "limit": limit,
     }
-    conn = _connect(path) or _start_worker(root, path, watch_pid or _supernode_pid())
+    conn = _connect(path) or _start_worker(root, path, entry, watch_pid or _supernode_pid())
     with conn:
         send_frame(conn, json.dumps(header).encode("utf-8"))
         send_frame(conn, request.encode())
@@ -118,7 +120,9 @@ def _supernode_pid() -> int:
     return os.getppid()
 
 
-def _start_worker(root: Path, path: Path, watch_pid: int, wait_seconds: float = 120.0) -> socket.socket:
+def _start_worker(
+    root: Path, path: Path, entry: list[str], watch_pid: int, wait_seconds: float = 120.0
+) -> socket.socket:
     """Start the node's worker unless another ClientApp is starting it; wait for its socket."""
     with open(root / "worker.start.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # one starter at a time; the others then find its socket
@@ -129,7 +133,7 @@ def _start_worker(root: Path, path: Path, watch_pid: int, wait_seconds: float = 
         log = open(root / "worker.log", "ab")  # noqa: SIM115 - the worker's
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(path), str(watch_pid)],
+                [*entry, str(path), str(watch_pid)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -151,11 +155,23 @@ def _start_worker(root: Path, path: Path, watch_pid: int, wait_seconds: float = 
 
 # ----------------------------------------------------------------------------- the worker's side
 class Worker:
-    """Serves one node's ClientApps: one message at a time, factories cached per recipe and node."""
+    """Serves one node's ClientApps: one message at a time, factories cached per recipe and node.
 
-    def __init__(self, path: Path, watch_pid: int | None, idle_seconds: float = IDLE_SECONDS):
+    ``reply(request, round_index, start_round, context, factory)`` is the ClientApp's handler and
+    ``build_factory(recipe, context)`` builds a node's client factory (both from :mod:`.client_app`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        watch_pid: int | None,
+        reply: Callable[..., Message],
+        build_factory: Callable[[Any, Any], Any],
+        idle_seconds: float = IDLE_SECONDS,
+    ):
         self.path = Path(path)
         self.watch_pid = watch_pid
+        self.reply = reply
+        self.build_factory = build_factory
         self.idle_seconds = idle_seconds
         self.factories: dict[str, Any] = {}
 
@@ -195,8 +211,6 @@ class Worker:
             self.path.unlink(missing_ok=True)
 
     def handle(self, conn: socket.socket) -> None:
-        from fedmmkt_plugins.backends.flower.client_app import client_reply
-
         try:
             header = json.loads(recv_frame(conn, HEADER_LIMIT))
             limit = int(header["limit"])
@@ -208,9 +222,7 @@ class Worker:
             node_config=header["node_config"], run_config=header["run_config"], run_id=header["run_id"], state=None
         )
         try:
-            reply = client_reply(
-                request, int(header["round_index"]), int(header["start_round"]), context, self.factory
-            )
+            reply = self.reply(request, int(header["round_index"]), int(header["start_round"]), context, self.factory)
         except Exception as exc:  # the server records it as this client's failure
             reply = Message("error", {"reason": f"{type(exc).__name__}: {exc}"})
         try:
@@ -219,21 +231,15 @@ class Worker:
             print(f"could not send the reply: {exc}", flush=True)
 
     def factory(self, recipe: Any, context: Any) -> Any:
-        from fedmmkt_plugins.backends.flower.client_app import build_factory
-
         key = json.dumps(
             [context.run_config.get("client-recipe"), context.run_config.get("client-privacy"), context.node_config],
             sort_keys=True,
         )
         if key not in self.factories:
-            self.factories = {key: build_factory(recipe, context)}  # one recipe at a time: data stays bounded
+            self.factories = {key: self.build_factory(recipe, context)}  # one recipe at a time: data stays bounded
         return self.factories[key]
 
 
-def main(argv: list[str]) -> None:
-    path, watch = Path(argv[0]), int(argv[1]) if len(argv) > 1 else None
-    Worker(path, watch).serve()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def main(argv: list[str], reply: Callable[..., Message], build_factory: Callable[[Any, Any], Any]) -> None:
+    """The worker process: ``argv`` is ``[SOCKET, PID]``."""
+    Worker(Path(argv[0]), int(argv[1]), reply, build_factory).serve()
