@@ -37,22 +37,23 @@ def wait_until(condition, seconds: float) -> bool:
 def test_a_warm_node_answers_as_a_cold_one_and_its_worker_ends_with_its_supernode(tmp_path, monkeypatch, flower_task):
     supernode = subprocess.Popen(["sleep", "600"])  # stands in for the SuperNode the worker outlives not
     monkeypatch.setattr(node_worker, "_supernode_pid", lambda: supernode.pid)
-    warm = node_context(RECIPE, {"state-dir": str(tmp_path / "warm"), "warm": "true"})
+    deep = tmp_path / ("a-long-folder-name-" * 8)  # beyond the 107 bytes of a Unix socket path
+    warm = node_context(RECIPE, {"state-dir": str(deep / "warm"), "warm": "true"})
     cold = node_context(RECIPE, {"state-dir": str(tmp_path / "cold")})
     worker_pid = None
     try:
         first = node_reply(warm, fit())
         assert first.type == "fit_reply", first.config
-        worker_pid = int((tmp_path / "warm" / "worker.pid").read_text())
+        worker_pid = int((deep / "warm" / "worker.pid").read_text())
         assert worker_pid != os.getpid() and alive(worker_pid)
         expected = node_reply(cold, fit())
         np.testing.assert_array_equal(first.arrays["logits"], expected.arrays["logits"])
-        assert (tmp_path / "warm" / "default" / "client_1" / "client_1.r0.safetensors").exists()
+        assert (deep / "warm" / "default" / "client_1" / "client_1.r0.safetensors").exists()
 
         evaluated = node_reply(warm, Message("evaluate", {}), round_index=1)
         assert evaluated.type == "evaluate_reply"
         assert evaluated.config == node_reply(cold, Message("evaluate", {}), round_index=1).config
-        assert int((tmp_path / "warm" / "worker.pid").read_text()) == worker_pid  # the same worker, warm
+        assert int((deep / "warm" / "worker.pid").read_text()) == worker_pid  # the same worker, warm
 
         wrong = np.zeros((2, 5, 5, 3), np.uint8)  # not the task's geometry: the worker reports it, lives on
         broken = node_reply(warm, Message("fit", {"seed": 3}, {"predict_images": wrong}))
@@ -62,7 +63,7 @@ def test_a_warm_node_answers_as_a_cold_one_and_its_worker_ends_with_its_supernod
         supernode.wait()
     assert worker_pid is not None
     assert wait_until(lambda: not alive(worker_pid), 15), "the worker outlived its SuperNode"
-    assert not (tmp_path / "warm" / node_worker.SOCKET_NAME).exists()
+    assert not node_worker.socket_path(deep / "warm").exists()
 
 
 def test_a_frame_over_the_limit_is_refused_before_it_is_read(tmp_path):

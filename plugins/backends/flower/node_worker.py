@@ -3,7 +3,7 @@
 Flower starts a new ClientApp process for every message: Python, torch and transformers imported again,
 the node's data loaded again, for each ``fit`` and ``evaluate``. With a state folder (``state-dir`` or
 ``data-root``) and ``warm=true``, the ClientApp instead hands the decoded message to this node's worker, a long-lived
-process listening on a Unix socket in that folder (``worker.sock``, mode 0600), and returns its reply.
+process listening on a Unix socket (mode 0600, see :func:`socket_path`), and returns its reply.
 The worker runs exactly the in-process handler (:func:`.client_app.client_reply`, weights read from and
 written to the node's disk per round as before); it keeps only what is read-only across messages (the
 imports, each recipe's :class:`~fedmmkt_core.client.ClientFactory` with its loaded data).
@@ -32,7 +32,6 @@ from typing import Any
 from fedmmkt_core.errors import UserError
 from fedmmkt_core.wire import Message
 
-SOCKET_NAME = "worker.sock"
 IDLE_SECONDS = 900.0
 HEADER_LIMIT = 1 << 20
 _LENGTH = struct.Struct(">Q")
@@ -73,10 +72,10 @@ def worker_reply(
     watch_pid: int | None = None,
 ) -> Message:
     """Send ``request`` to this node's worker and return its reply. If none runs, start one with the
-    command ``entry + [SOCKET, PID]`` (the handler's module runs :func:`main`), to live as long as
+    command ``entry + [STATE_ROOT, PID]`` (the handler's module runs :func:`main`), to live as long as
     process PID, by default this ClientApp's SuperNode."""
     root.mkdir(parents=True, exist_ok=True)
-    path = root / SOCKET_NAME
+    path = socket_path(root)
     header = {
         "node_config": {str(k): v for k, v in dict(context.node_config).items()},
         "run_config": {str(k): v for k, v in dict(context.run_config).items()},
@@ -90,6 +89,23 @@ def worker_reply(
         send_frame(conn, json.dumps(header).encode("utf-8"))
         send_frame(conn, request.encode())
         return Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
+
+
+def socket_path(root: Path) -> Path:
+    """Where the worker of the node whose state folder is ``root`` listens. A Unix socket path may not
+    exceed 107 bytes, so it is ``<tmp>/fedmmkt-<uid>/<hash of root>.sock`` in a folder only this user may
+    enter (refused if another user owns it or it is open to others)."""
+    import hashlib
+    import stat
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"fedmmkt-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise UserError(f"{folder} must be a folder of this user's alone (mode 0700) for the node's client worker")
+    digest = hashlib.sha256(str(Path(root).resolve()).encode("utf-8")).hexdigest()[:24]
+    return folder / f"{digest}.sock"
 
 
 def _connect(path: Path) -> socket.socket | None:
@@ -133,7 +149,7 @@ def _start_worker(
         log = open(root / "worker.log", "ab")  # noqa: SIM115 - the worker's
         try:
             proc = subprocess.Popen(
-                [*entry, str(path), str(watch_pid)],
+                [*entry, str(root), str(watch_pid)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -162,13 +178,14 @@ class Worker:
 
     def __init__(
         self,
-        path: Path,
+        state_root: Path,
         watch_pid: int | None,
         reply: Callable[..., Message],
         build_factory: Callable[[Any, Any], Any],
         idle_seconds: float = IDLE_SECONDS,
     ):
-        self.path = Path(path)
+        self.state_root = Path(state_root)
+        self.path = socket_path(self.state_root)
         self.watch_pid = watch_pid
         self.reply = reply
         self.build_factory = build_factory
@@ -194,7 +211,7 @@ class Worker:
             os.umask(old)
         listener.listen(8)
         listener.settimeout(1.0)
-        (self.path.parent / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
+        (self.state_root / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
         last = time.monotonic()
         try:
             while self.alive() and time.monotonic() - last < self.idle_seconds:
@@ -241,5 +258,5 @@ class Worker:
 
 
 def main(argv: list[str], reply: Callable[..., Message], build_factory: Callable[[Any, Any], Any]) -> None:
-    """The worker process: ``argv`` is ``[SOCKET, PID]``."""
+    """The worker process: ``argv`` is ``[STATE_ROOT, PID]``."""
     Worker(Path(argv[0]), int(argv[1]), reply, build_factory).serve()
