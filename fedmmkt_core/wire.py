@@ -129,17 +129,20 @@ class Message:
 
 # Config fields of replies the core and the built-in algorithms read: (low, high, required, integer).
 EPSILON_FIELD = (0.0, 1e9, False, False)  # privacy_epsilon: the ε a client under DP reports (its own ledger)
+NOISE_FIELD = (0.0, 1e6, False, False)  # privacy_noise_multiplier: the noise it ran under (a stricter site's)
 REPLY_FIELDS: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
     "fit_reply": {
         "loss": (-1e6, 1e6, False, False),
         "num_samples": (0, 2**40, False, True),
         "privacy_epsilon": EPSILON_FIELD,
+        "privacy_noise_multiplier": NOISE_FIELD,
     },
-    "predict_reply": {"privacy_epsilon": EPSILON_FIELD},
+    "predict_reply": {"privacy_epsilon": EPSILON_FIELD, "privacy_noise_multiplier": NOISE_FIELD},
     "evaluate_reply": {
         "accuracy": (0.0, 1.0, True, False),
         "num_test": (0, 2**40, False, True),
         "privacy_epsilon": EPSILON_FIELD,
+        "privacy_noise_multiplier": NOISE_FIELD,
     },
 }
 

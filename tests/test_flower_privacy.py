@@ -73,7 +73,7 @@ def test_a_node_under_dp_sends_only_noised_logits_and_its_own_epsilon(tmp_path, 
     context = node_context(RECIPE + DP, {"state-dir": str(tmp_path / "dp")})
     assert json.loads(base64.b64decode(context.run_config["client-privacy"]))["noise_multiplier"] == 1.0
     noised = node_reply(context, fit(images))
-    assert set(noised.arrays) == {"logits"} and set(noised.config) == {"privacy_epsilon"}
+    assert set(noised.arrays) == {"logits"} and set(noised.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
     assert noised.arrays["logits"].astype(np.float64).std() > 0.5 * SPEC.noise_std(
         len(images)
     )  # noise of the stated size
@@ -126,7 +126,7 @@ def test_flower_deployment_under_dp_nodes_send_only_noised_logits(tmp_path, fede
     fits = {name: reply for name, reply in replies.items() if reply.type == "fit_reply"}
     assert sorted(name.split("-")[1] for name in fits) == ["client0", "client1"]
     for reply in fits.values():
-        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon"}
+        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
         logits = reply.arrays["logits"].astype(np.float64)
         assert logits.std() > 0.5 * SPEC.noise_std(len(logits))  # the clean logits are within ±20
     for reply in replies.values():
@@ -160,7 +160,7 @@ def test_a_nodes_own_privacy_settings_and_budget_win_when_stricter(tmp_path, flo
     # A recipe without privacy, a site that wants DP: the node noises anyway.
     wants_dp = node_context(RECIPE, {"state-dir": str(tmp_path / "own"), "dp-noise-multiplier": 4.0})
     own = node_reply(wants_dp, fit(images))
-    assert set(own.arrays) == {"logits"} and set(own.config) == {"privacy_epsilon"}
+    assert set(own.arrays) == {"logits"} and set(own.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
 
 
 def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monk
     replies = [Message.decode(path.read_bytes()) for path in sorted((out / REPLIES_FOLDER).glob("*-fit_reply.msg"))]
     assert len(replies) == 2
     for reply in replies:
-        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon"}
+        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
         logits = reply.arrays["logits"].astype(np.float64)
         assert logits.std() > 0.5 * SPEC.noise_std(len(logits))
     run_key = json.loads((out / "flower_run.json").read_text())["run_key"]

@@ -59,7 +59,8 @@ def test_dp_noise_comes_from_the_client_alone():
     reply = _upload(_runtime(secret=None))
     noise = reply.arrays["logits"]
     assert set(reply.arrays) == {"logits"}  # counts withheld
-    assert reply.config == {"privacy_epsilon": pytest.approx(spec.epsilon(1))}  # sample count withheld; ε reported
+    # sample count withheld; ε and the noise the client ran under reported
+    assert reply.config == {"privacy_epsilon": pytest.approx(spec.epsilon(1)), "privacy_noise_multiplier": 1.0}
     server_guesses = [derive_seed(17, "dp-noise", 1), 17, 1, derive_seed(0, "dp-noise", 1), 0]
     for guess in server_guesses:
         regenerated = spec.privatize(np.zeros((5, 3)), np.random.default_rng(guess))
@@ -152,3 +153,36 @@ def test_a_site_runs_under_the_stricter_of_its_own_privacy_settings_and_the_reci
     monkeypatch.setenv("FEDMMKT_DP_MAX_EPSILON", "2.5")  # in-process: the clients' environment
     client = ClientFactory(parse_recipe(RECIPE + "privacy: {noise_multiplier: 1.0}\n")).build(0)
     assert client.privacy.max_epsilon == 2.5 and client.privacy.noise_multiplier == 1.0
+
+
+def test_the_server_bounds_a_stricter_sites_logits_by_the_noise_it_reports():
+    """A site noisier than the recipe is not rejected as implausible: the bound follows its reported noise
+    multiplier, up to MAX_SITE_NOISE_FACTOR times the recipe's; a lesser claim changes nothing."""
+    from fedmmkt_plugins.algorithms.fedmmkt import MAX_ABS_LOGIT, MAX_SITE_NOISE_FACTOR, FedMMKT
+
+    from fedmmkt_core.wire import Message, MessageError
+
+    algorithm = FedMMKT()
+    algorithm.class_prompts = [f"class {c}" for c in range(3)]
+    algorithm.privacy = SoftLabelPrivacy(noise_multiplier=1.0)
+    rows = 50
+    recipe_bound = MAX_ABS_LOGIT + 8 * algorithm.privacy.noise_std(rows)
+    site = SoftLabelPrivacy(noise_multiplier=4.0)  # what a site with dp-noise-multiplier=4 uploads
+    logits = site.privatize(np.zeros((rows, 3)), np.random.default_rng(0)).astype(np.float16)  # the wire dtype
+    logits[0, 0] = recipe_bound * 1.5  # a draw the recipe's noise makes implausible, the site's does not
+
+    def reply(**config):
+        return Message("fit_reply", {"privacy_epsilon": 1.0, **config}, {"logits": logits})
+
+    with pytest.raises(MessageError, match="beyond the plausible"):
+        algorithm._check_logits(reply(), rows)  # without the report: the recipe's bound
+    with pytest.raises(MessageError, match="beyond the plausible"):
+        algorithm._check_logits(reply(privacy_noise_multiplier=0.1), rows)  # less noise: the recipe's bound
+    algorithm._check_logits(reply(privacy_noise_multiplier=4.0), rows)  # accepted
+    huge = reply(privacy_noise_multiplier=1e5)  # capped at MAX_SITE_NOISE_FACTOR x the recipe's
+    huge.arrays["logits"] = logits.copy()
+    huge.arrays["logits"][0, 0] = MAX_ABS_LOGIT + 8 * (MAX_SITE_NOISE_FACTOR + 1) * algorithm.privacy.noise_std(rows)
+    with pytest.raises(MessageError, match="beyond the plausible"):
+        algorithm._check_logits(huge, rows)
+    with pytest.raises(MessageError, match="positive and finite"):
+        algorithm._check_logits(reply(privacy_noise_multiplier=-1.0), rows)

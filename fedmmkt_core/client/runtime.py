@@ -139,11 +139,13 @@ class ClientRuntime:
             raise PrivacyRefused(f"client {self.client_id} refuses: {exc}") from None
 
     def _privacy_report(self, charge: tuple[int, float] | None) -> dict[str, float]:
-        """Under DP, the ε this client computed from its own ledger (what the run reports)."""
+        """Under DP, the ε this client computed from its own ledger (what the run reports) and the noise
+        multiplier it ran under (a setting, not data: a stricter site's, so the server can bound its logits)."""
         if self.privacy is None:
             return {}
         assert self.ledger is not None
-        return {"privacy_epsilon": charge[1] if charge is not None else self.ledger.epsilon(self.privacy.delta)}
+        epsilon = charge[1] if charge is not None else self.ledger.epsilon(self.privacy.delta)
+        return {"privacy_epsilon": epsilon, "privacy_noise_multiplier": float(self.privacy.noise_multiplier)}
 
     def _logits(self, images: np.ndarray, dtype: str, charge: tuple[int, float] | None) -> dict[str, np.ndarray]:
         logits = np.asarray(self.model.predict_logits(images), dtype=np.float32)

@@ -20,6 +20,7 @@ from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply, ComponentConfig
 from fedmmkt_core.outputs import check_metrics, check_soft_labels
 from fedmmkt_core.paths import check_allocation
+from fedmmkt_core.privacy import SoftLabelPrivacy
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.seeding import derive_seed
 from fedmmkt_core.server.context import ServerContext
@@ -27,6 +28,7 @@ from fedmmkt_core.wire import Message, MessageError
 
 # Trained classifiers' logits stay within tens; a reply far beyond is broken or hostile.
 MAX_ABS_LOGIT = 1000.0
+MAX_SITE_NOISE_FACTOR = 10.0  # a stricter site's reported noise widens the logit bound up to this many times
 
 
 class FedMMKTConfig(ComponentConfig):
@@ -387,7 +389,8 @@ class FedMMKT(Algorithm):
         shape = (count, len(self.class_prompts))
         logits = reply.array("logits", np.dtype(self.config.logits_dtype), shape, finite=True)
         largest = float(np.abs(logits).max()) if count else 0.0
-        bound = MAX_ABS_LOGIT + (8 * self.privacy.noise_std(count) if self.privacy is not None else 0.0)
+        privacy = self._reply_privacy(reply)
+        bound = MAX_ABS_LOGIT + (8 * privacy.noise_std(count) if privacy is not None else 0.0)
         if largest > bound:
             raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
         if self.privacy is not None:  # under DP clients withhold counts (they would escape ε)
@@ -397,6 +400,25 @@ class FedMMKT(Algorithm):
             raise MessageError("class_counts must not be negative")
         if int(reply.config.get("num_samples", 0)) <= 0:
             raise MessageError("num_samples must be positive")
+
+    def _reply_privacy(self, reply: Message) -> SoftLabelPrivacy | None:
+        """The DP settings a reply's logits were noised under, for their plausibility bound: the recipe's,
+        or a stricter site's noise multiplier the client reports, up to ``MAX_SITE_NOISE_FACTOR`` times the
+        recipe's (a claim of less noise than the recipe's changes nothing)."""
+        if self.privacy is None:
+            return None
+        reported = reply.config.get("privacy_noise_multiplier")
+        if reported is None:
+            return self.privacy
+        try:
+            value = float(reported)
+        except (TypeError, ValueError):
+            raise MessageError(f"privacy_noise_multiplier must be a number, got {reported!r}") from None
+        if not np.isfinite(value) or value <= 0:
+            raise MessageError(f"privacy_noise_multiplier must be positive and finite, got {value}")
+        recipe = self.privacy.noise_multiplier
+        noise = min(max(value, recipe), MAX_SITE_NOISE_FACTOR * recipe)
+        return self.privacy.model_copy(update={"noise_multiplier": noise})
 
     def _aggregator_name(self, ctx: ServerContext) -> str:
         name = ctx.recipe.aggregator.name if ctx.recipe.aggregator is not None else "kd"
