@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from fedmmkt_plugins.backends.flower.credentials import NodeKey, TlsFiles, write_node_key, write_tls_files
+from fedmmkt_plugins.backends.flower.packaging import connection_lines, write_flwr_home
 from fedmmkt_plugins.backends.flower.processes import (
     child_env,
     descendants,
@@ -93,15 +94,6 @@ class LocalFederation:
             params["node_ids"] = dict(self.node_ids)
         return params
 
-    def connection_lines(self) -> list[str]:
-        """This federation as a SuperLink connection of a Flower config (``$FLWR_HOME/config.toml``)."""
-        lines = [f'address = "{self.address}"']
-        if self.tls_files is not None:
-            lines.append(f"root-certificates = {json.dumps(str(self.tls_files.ca_certificate.resolve()))}")
-        else:
-            lines.append("insecure = true")
-        return lines
-
     def _transport_args(self) -> list[str]:
         if self.tls_files is None:
             return ["--insecure"]
@@ -171,9 +163,8 @@ class LocalFederation:
         """Register each public key with the SuperLink (``flwr supernode register``, all at once);
         returns key -> the node id Flower assigned to it."""
         home = self.workdir / "flwr-home-control"
-        home.mkdir(parents=True, exist_ok=True)
-        text = '[superlink]\ndefault = "local"\n\n[superlink.local]\n' + "\n".join(self.connection_lines()) + "\n"
-        (home / "config.toml").write_text(text, encoding="utf-8")
+        ca = self.tls_files.ca_certificate.resolve() if self.tls_files is not None else None
+        write_flwr_home(home, "local", connection_lines(self.address, insecure=ca is None, root_certificates=ca))
         env = child_env(home)
         procs = {
             k: subprocess.Popen(

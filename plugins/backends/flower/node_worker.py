@@ -29,6 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from fedmmkt_plugins.backends.flower.processes import alive, proc_stat
+
 from fedmmkt_core.errors import UserError
 from fedmmkt_core.wire import Message
 
@@ -124,15 +126,14 @@ def _supernode_pid() -> int:
     pid = os.getppid()
     for _ in range(8):
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"flower-supernode" in cmdline:
+            if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-            pid = int(stat[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             break
-        if pid <= 1:
+        fields = proc_stat(pid)
+        if fields is None or int(fields[1]) <= 1:
             break
+        pid = int(fields[1])
     return os.getppid()
 
 
@@ -193,13 +194,7 @@ class Worker:
         self.factories: dict[str, Any] = {}
 
     def alive(self) -> bool:
-        if self.watch_pid is None:
-            return True
-        try:
-            state = Path(f"/proc/{self.watch_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-        except OSError:
-            return False
-        return state != "Z"
+        return self.watch_pid is None or alive(self.watch_pid)
 
     def serve(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -146,8 +146,18 @@ def write_app(tmp: Path, values: dict[str, Any]) -> Path:
     return app_dir
 
 
+def connection_lines(address: str, insecure: bool, root_certificates: Path | str | None = None) -> list[str]:
+    """A SuperLink connection's entries in a Flower config (``[superlink.NAME]`` of ``config.toml``)."""
+    lines = [f'address = "{address}"', f"insecure = {'true' if insecure else 'false'}"]
+    if root_certificates is not None:
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
+    return lines
+
+
 def write_flwr_home(flwr_home: Path, connection: str, conn: list[str]) -> None:
-    flwr_home.mkdir()
+    """A Flower config folder whose default connection, named ``connection``, has the entries ``conn``
+    (see :func:`connection_lines`)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
     text = f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n' + "\n".join(conn) + "\n"
     (flwr_home / "config.toml").write_text(text, encoding="utf-8")
 
@@ -178,9 +188,7 @@ def launch_deployment(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
             flwr_home, connection = None, config.connection
         else:
             flwr_home, connection = Path(tmp) / "flwr-home", "fedmmkt"
-            conn = [f'address = "{config.superlink}"', f"insecure = {'true' if config.insecure else 'false'}"]
-            if config.root_certificates is not None:
-                conn.append(f"root-certificates = {json.dumps(str(config.root_certificates))}")
+            conn = connection_lines(config.superlink, config.insecure, config.root_certificates)
             write_flwr_home(flwr_home, connection, conn)
         env = child_env(flwr_home)
         command = [flwr_exe(), "run", str(app_dir), connection, "--stream"]
@@ -267,7 +275,7 @@ def launch_simulation(config: FlowerConfig, runner: Runner) -> dict[str, Any]:
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="fedmmkt-flwr-sim-") as tmp:
         app_dir = write_app(Path(tmp), values)
         flwr_home, connection, port = Path(tmp) / "flwr-home", "fedmmkt-simulation", free_port()
-        write_flwr_home(flwr_home, connection, [f'address = "127.0.0.1:{port}"', "insecure = true"])
+        write_flwr_home(flwr_home, connection, connection_lines(f"127.0.0.1:{port}", insecure=True))
         env = child_env(flwr_home)
         env[SIM_TOKEN] = token
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")

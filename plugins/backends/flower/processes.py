@@ -86,14 +86,28 @@ def wait_listening(
     raise UserError(f"{name} did not listen on {host}:{port} within {wait_seconds:g} s")
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first, then the parent's pid),
+    or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def descendants(pid: int) -> list[int]:
     """PIDs of every process ``pid`` started, directly or not (from /proc)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-            except OSError:
+            fields = proc_stat(int(entry.name))
+            if fields is None:
                 continue
             parents.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], [pid]
