@@ -24,7 +24,15 @@ pytest.importorskip("flwr", reason="the flower extra is not installed")
 from fedmmkt_plugins.backends.flower import WIRE_FILE, LocalFederation  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
-THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2"]
+# The Flower tests check transport, identity and recovery, not quality: a light server side (few images,
+# short sampling and fine-tuning) keeps each round cheap; the same pre-trained generator is loaded.
+LIGHT_SERVER = [
+    "algorithm.params.samples_per_class=6",
+    "algorithm.params.eval_samples_per_class=4",
+    "generator.params.num_inference_steps=3",
+    "generator.params.fine_tune_steps=6",
+]
+THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2", *LIGHT_SERVER]
 cli = CliRunner()
 
 

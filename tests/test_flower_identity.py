@@ -24,9 +24,10 @@ pytest.importorskip("flwr", reason="the flower extra is not installed")
 from fedmmkt_plugins.backends.flower import FlowerBackend, FlowerConfig, LocalFederation  # noqa: E402
 from fedmmkt_plugins.backends.flower.backend import NODES_FILE  # noqa: E402
 from fedmmkt_plugins.backends.flower.credentials import write_node_key, write_tls_files  # noqa: E402
+from test_flower import LIGHT_SERVER  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
-THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=1"]
+THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=1", *LIGHT_SERVER]
 
 
 class StandInGrid:

@@ -19,9 +19,10 @@ from fedmmkt_core.server.runner import Runner
 pytest.importorskip("flwr", reason="the flower extra is not installed")
 
 from fedmmkt_plugins.backends.flower import SIM_TOKEN, processes_with_token  # noqa: E402
+from test_flower import LIGHT_SERVER  # noqa: E402
 
 SMOKE = Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml"
-THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2"]
+THREE_CLIENTS = ["clients.0.count=2", "clients.1.count=1", "federation.rounds=2", *LIGHT_SERVER]
 SIMULATION = "backend={name: flower, params: {mode: simulation, num_cpus_per_client: 1, ray_num_cpus: 2}}"
 cli = CliRunner()
 
