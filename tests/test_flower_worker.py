@@ -74,3 +74,63 @@ def test_a_frame_over_the_limit_is_refused_before_it_is_read(tmp_path):
         left.sendall(node_worker._LENGTH.pack(1 << 40))
         with pytest.raises(Exception, match="exceeds the limit"):
             node_worker.recv_frame(right, 1 << 20)
+
+
+def test_a_worker_running_older_code_steps_down_and_a_fresh_one_answers(tmp_path, monkeypatch):
+    """After `pip install -U` (or an edit) the node's worker runs other code than its ClientApps: it answers
+    `worker_stale` and stops, and the ClientApp starts a fresh worker for the same message."""
+    import threading
+    from types import SimpleNamespace
+
+    from fedmmkt_core.errors import UserError
+
+    root = tmp_path / "node"
+    root.mkdir()
+    workers: list[tuple[node_worker.Worker, threading.Thread]] = []
+
+    def serve(code: str, name: str) -> None:  # a worker in a thread whose code has the fingerprint `code`
+        def answer(request, round_index, start_round, context, factory):
+            return Message("fit_reply", {"by": name, "asked": request.type})
+
+        worker = node_worker.Worker(root, None, answer, lambda recipe, context: None, fingerprint=code)
+        thread = threading.Thread(target=worker.serve, daemon=True)
+        thread.start()
+        workers.append((worker, thread))
+        assert wait_until(lambda: (root / "worker.pid").is_file() and node_worker.socket_path(root).exists(), 10)
+        time.sleep(0.1)  # from bind to listen
+
+    def start_fresh(code: str, name: str):
+        def start(root_, path, entry, watch_pid):
+            (root / "worker.pid").unlink(missing_ok=True)
+            started.append(name)
+            serve(code, name)
+            return node_worker._connect(path)
+
+        return start
+
+    def ask():
+        context = SimpleNamespace(node_config={}, run_config={}, run_id=1)
+        return node_worker.worker_reply(root, Message("fit", {}), 0, 0, context, 1 << 20, ["-"], os.getpid())
+
+    started: list[str] = []
+    monkeypatch.setattr(node_worker, "code_fingerprint", lambda: "old-code")
+    try:
+        serve("old-code", "old")
+        assert ask().config == {"by": "old", "asked": "fit"}  # the same code: no restart
+
+        monkeypatch.setattr(node_worker, "code_fingerprint", lambda: "new-code")  # the toolkit was upgraded
+        monkeypatch.setattr(node_worker, "_start_worker", start_fresh("new-code", "new"))
+        assert ask().config == {"by": "new", "asked": "fit"}
+        old, old_thread = workers[0]
+        old_thread.join(10)
+        assert old.stale and not old_thread.is_alive() and started == ["new"]
+        assert ask().config == {"by": "new", "asked": "fit"} and started == ["new"]  # the fresh one stays
+
+        monkeypatch.setattr(node_worker, "code_fingerprint", lambda: "newer-code")
+        monkeypatch.setattr(node_worker, "_start_worker", start_fresh("new-code", "still-new"))
+        with pytest.raises(UserError, match="runs other code than this ClientApp even after a restart"):
+            ask()  # a restart that does not help is a clear error, not a loop
+    finally:
+        for worker, thread in workers:
+            worker.stale = True
+            thread.join(10)

@@ -10,9 +10,12 @@ imports, each recipe's :class:`~fedmmkt_core.client.ClientFactory` with its load
 
 The first ClientApp that finds no worker starts one (in its own process group, so Flower ending that
 ClientApp does not end the worker). The worker exits when the SuperNode that started it is gone, or after
-``IDLE_SECONDS`` without a message. Frames are length-prefixed: a JSON header, then the toolkit's wire
-encoding of the message, bounded by the run's ``max-message-bytes`` (nothing is unpickled). A node opts
-in with ``--node-config 'warm=true'`` (``fedmmkt federation up`` does).
+``IDLE_SECONDS`` without a message, or when it runs other code than the ClientApp asking (the toolkit or
+a plugin was upgraded or edited since it started, see :func:`code_fingerprint`): it then answers
+``worker_stale`` and the ClientApp starts a fresh worker for the same message. Frames are
+length-prefixed: a JSON header, then the toolkit's wire encoding of the message, bounded by the run's
+``max-message-bytes`` (nothing is unpickled). A node opts in with ``--node-config 'warm=true'``
+(``fedmmkt federation up`` does).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from fedmmkt_core.wire import Message
 
 IDLE_SECONDS = 900.0
 HEADER_LIMIT = 1 << 20
+STALE = "worker_stale"
+CODE_PACKAGES = ("fedmmkt_core", "fedmmkt_plugins", "fedmmkt_cli")
 _LENGTH = struct.Struct(">Q")
 
 
@@ -62,6 +67,27 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return b"".join(parts)
 
 
+def code_fingerprint() -> str:
+    """What code a worker runs: a hash of the toolkit's source files (path, size, modification time) and
+    of the distributions that register ``fedmmkt`` plugins (name, version). It changes when the toolkit is
+    upgraded or edited, or a plugin package is installed, removed or upgraded; a few milliseconds."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in CODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted(Path(location).rglob("*.py")):
+                info = path.stat()
+                digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    for entry in sorted(importlib.metadata.entry_points(group="fedmmkt"), key=lambda e: (e.name, e.value)):
+        where = f"{entry.dist.name}\0{entry.dist.version}" if entry.dist else ""
+        digest.update(f"{entry.name}={entry.value}\0{where}\n".encode())
+    return digest.hexdigest()[:24]
+
+
 # ----------------------------------------------------------------------------- the ClientApp's side
 def worker_reply(
     root: Path,
@@ -85,12 +111,33 @@ def worker_reply(
         "round_index": round_index,
         "start_round": start_round,
         "limit": limit,
+        "code": code_fingerprint(),
     }
-    conn = _connect(path) or _start_worker(root, path, entry, watch_pid or _supernode_pid())
-    with conn:
-        send_frame(conn, json.dumps(header).encode("utf-8"))
-        send_frame(conn, request.encode())
-        return Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
+    for _ in range(2):  # a stale worker (older code) steps down once, and a fresh one answers
+        conn = _connect(path) or _start_worker(root, path, entry, watch_pid or _supernode_pid())
+        with conn:
+            send_frame(conn, json.dumps(header).encode("utf-8"))
+            send_frame(conn, request.encode())
+            reply = Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
+        if reply.type != STALE:
+            return reply
+        _wait_until_gone(path)
+    raise UserError(
+        f"the node's client worker at {path} runs other code than this ClientApp even after a restart "
+        f"({reply.config.get('reason')}); restart the SuperNode"
+    )
+
+
+def _wait_until_gone(path: Path, seconds: float = 30.0) -> None:
+    """Wait for a worker that stepped down to stop listening."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        conn = _connect(path)
+        if conn is None:
+            return
+        conn.close()
+        time.sleep(0.05)
+    raise UserError(f"the node's stale client worker at {path} did not stop within {seconds:g} s")
 
 
 def socket_path(root: Path) -> Path:
@@ -184,8 +231,11 @@ class Worker:
         reply: Callable[..., Message],
         build_factory: Callable[[Any, Any], Any],
         idle_seconds: float = IDLE_SECONDS,
+        fingerprint: str | None = None,
     ):
         self.state_root = Path(state_root)
+        self.fingerprint = code_fingerprint() if fingerprint is None else fingerprint
+        self.stale = False
         self.path = socket_path(self.state_root)
         self.watch_pid = watch_pid
         self.reply = reply
@@ -209,7 +259,7 @@ class Worker:
         (self.state_root / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
         last = time.monotonic()
         try:
-            while self.alive() and time.monotonic() - last < self.idle_seconds:
+            while not self.stale and self.alive() and time.monotonic() - last < self.idle_seconds:
                 try:
                     conn, _ = listener.accept()
                 except TimeoutError:
@@ -219,8 +269,8 @@ class Worker:
                     self.handle(conn)
                 last = time.monotonic()
         finally:
+            self.path.unlink(missing_ok=True)  # before closing: a successor may bind the path once it fails
             listener.close()
-            self.path.unlink(missing_ok=True)
 
     def handle(self, conn: socket.socket) -> None:
         try:
@@ -229,6 +279,15 @@ class Worker:
             request = Message.decode(recv_frame(conn, limit + HEADER_LIMIT), limit + HEADER_LIMIT)
         except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
             print(f"refused a malformed request: {type(exc).__name__}: {exc}", flush=True)
+            return
+        if header.get("code") != self.fingerprint:  # the toolkit changed on disk since this worker started
+            self.stale = True
+            reason = f"worker code {self.fingerprint}, ClientApp code {header.get('code')}"
+            print(f"stepping down: {reason}", flush=True)
+            try:
+                send_frame(conn, Message(STALE, {"reason": reason}).encode())
+            except OSError:
+                pass
             return
         context = SimpleNamespace(
             node_config=header["node_config"], run_config=header["run_config"], run_id=header["run_id"], state=None
