@@ -50,6 +50,10 @@ RECIPE_TEXT = {
         "The public-domain recipe (`examples/digits-typeset.yaml`: the server pre-trains on *typeset* digits "
         "rendered from fonts, the clients hold handwritten ones)"
     ),
+    "examples/fashion.yaml": (
+        "The Fashion-MNIST recipe (`examples/fashion.yaml`: 500 images per class of the 70,000, 28×28 padded to "
+        "32×32; 70% of the server's public split in the catalogue's look, dark garments on a light ground)"
+    ),
 }
 
 
@@ -164,7 +168,7 @@ def quality_section(
         "homogeneous = 6 of the same ResNet (FedAvg needs one architecture). Each cell: mean ± std over seeds "
         f"{', '.join(map(str, seeds))} (different splits, partitions, client initialisations and pre-trained "
         "generators) of the last round's figures; CAS is the generator's classification accuracy score under "
-        "an oracle trained on held-out real digits (start value in brackets).",
+        "an oracle trained on held-out real images (start value in brackets).",
         "",
     ]
     for worker in data.get("workers", []):  # cells measured by parallel workers, merged with --merge-from
@@ -531,6 +535,7 @@ def render() -> str:
         "",
         *quality_section(quality),
         *quality_section(load("quality-digits-typeset.json"), "quality-digits-typeset.json"),
+        *quality_section(load("quality-fashion.json"), "quality-fashion.json"),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
