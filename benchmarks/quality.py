@@ -58,6 +58,8 @@ PAIRED = [
     ("clients: FedMMKT - frozen generator (the loop)", "client_accuracy_mean", "fedmmkt", "fedmmkt-frozen-generator"),
     ("clients: FedMMKT - sharpened FedDF", "client_accuracy_mean", "fedmmkt", "feddf-sharpened"),
     ("clients: FedMMKT - FedDF", "client_accuracy_mean", "fedmmkt", "feddf"),
+    ("clients: FedMMKT - local training", "client_accuracy_mean", "fedmmkt", "local"),
+    ("clients: FedMMKT - centralized (the gap to pooled data)", "client_accuracy_mean", "fedmmkt", "centralized"),
     ("clients: ceiling generator - frozen generator", "client_accuracy_mean", "fedmmkt-ceiling-generator",
      "fedmmkt-frozen-generator"),
     ("CAS: FedMMKT - step-matched control", "generator_cas", "fedmmkt", "fedmmkt-no-feedback"),
@@ -310,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             "--alphas",
             *map(str, args.alphas),
         ]
+        + (["--client-sets", *args.client_sets] if args.client_sets != list(CLIENT_SETS) else [])
         + (["--threads", str(args.threads)] if args.threads else [])
     )
 
