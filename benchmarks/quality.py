@@ -19,27 +19,10 @@ from typing import Any
 from .common import RESULTS, atomic_write_json, machine, set_threads, spread
 
 RECIPE = Path("examples/digits.yaml")
-RESNET = {
-    "name": "resnet",
-    "params": {
-        "epochs": 20,
-        "batch_size": 32,
-        "lr": 0.003,
-        "embedding_size": 32,
-        "hidden_sizes": [32, 64],
-        "depths": [1, 1],
-    },
-}
-VIT = {
-    "name": "vit",
-    "params": {
-        "epochs": 20, "batch_size": 32, "lr": 0.003, "patch_size": 2, "hidden_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-    },
-}  # fmt: skip
-CLIENT_SETS: dict[str, list[dict[str, Any]]] = {
-    "heterogeneous": [{**RESNET, "count": 3}, {**VIT, "count": 3}],  # the demo's 3 ResNets + 3 ViTs
-    "homogeneous": [{**RESNET, "count": 6}],
+# Which clients a cell runs. The digits recipes' own clients are 3 ResNets + 3 ViTs.
+CLIENT_SETS = {
+    "heterogeneous": "the recipe's own clients",
+    "homogeneous": "as many clients, every one the recipe's first ResNet (FedAvg needs one architecture)",
 }
 ALGORITHMS = [
     "local", "fedavg", "feddf", "feddf-sharpened", "fedmmkt-frozen-generator", "fedmmkt-no-feedback",
@@ -140,6 +123,23 @@ def merge_key(run: dict[str, Any]) -> tuple:
     return run["client_set"], run["alpha"], run["seed"], run["algorithm"], training
 
 
+def clients_of(client_set: str, recipe_path: Path = RECIPE) -> list[dict[str, Any]]:
+    """The ``clients`` list of a cell: the recipe's own (heterogeneous), or as many copies of its first
+    ResNet entry (homogeneous)."""
+    from fedmmkt_core.recipe import load_recipe
+
+    own = [
+        {"name": group.name, "count": group.count, "params": dict(group.params)}
+        for group in load_recipe(recipe_path).clients
+    ]
+    if client_set == "heterogeneous":
+        return own
+    resnets = [group for group in own if group["name"] == "resnet"]
+    if not resnets:
+        raise SystemExit(f"{recipe_path}: the homogeneous client set copies the recipe's resnet clients; it has none")
+    return [{**resnets[0], "count": sum(group["count"] for group in own)}]
+
+
 def overrides_for(
     client_set: str, alpha: float, seed: int, algorithm: str, rounds: int, recipe_path: Path = RECIPE
 ) -> list[str]:
@@ -152,7 +152,7 @@ def overrides_for(
         f"seed={seed}",
         f"federation.rounds={rounds}",
         f"data.partitioner.params.alpha={alpha}",
-        f"clients={json.dumps(CLIENT_SETS[client_set])}",
+        f"clients={json.dumps(clients_of(client_set, recipe_path))}",
         f"algorithm={json.dumps({'name': algorithm, 'params': params})}",
         "loggers=[]",
     ]

@@ -164,8 +164,8 @@ def quality_section(
     lines += [
         f"`{data['command']}` → `benchmarks/results/{file}` ({machine_line(data)}).",
         f"{RECIPE_TEXT.get(recipe, f'`{recipe}`')} cut to {setting['rounds']} rounds; "
-        "6 clients, 500 synthetic pairs per round. Heterogeneous = the demo's 3 ResNets + 3 ViTs; "
-        "homogeneous = 6 of the same ResNet (FedAvg needs one architecture). Each cell: mean ± std over seeds "
+        "6 clients, 500 synthetic pairs per round. Heterogeneous = the recipe's own 3 ResNets + 3 ViTs; "
+        "homogeneous = 6 of its ResNet (FedAvg needs one architecture). Each cell: mean ± std over seeds "
         f"{', '.join(map(str, seeds))} (different splits, partitions, client initialisations and pre-trained "
         "generators) of the last round's figures; CAS is the generator's classification accuracy score under "
         "an oracle trained on held-out real images (start value in brackets).",
