@@ -537,6 +537,7 @@ def render() -> str:
         *quality_section(load("quality-digits-typeset.json"), "quality-digits-typeset.json"),
         *quality_section(load("quality-fashion.json"), "quality-fashion.json"),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
+        *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
