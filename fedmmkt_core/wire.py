@@ -130,21 +130,42 @@ class Message:
 # Config fields of replies the core and the built-in algorithms read: (low, high, required, integer).
 EPSILON_FIELD = (0.0, 1e9, False, False)  # privacy_epsilon: the ε a client under DP reports (its own ledger)
 NOISE_FIELD = (0.0, 1e6, False, False)  # privacy_noise_multiplier: the noise it ran under (a stricter site's)
+ACCURACY_FIELD = (0.0, 1.0, False, False)  # accuracy on the split clients are evaluated on
+NUM_TEST_FIELD = (0, 2**40, False, True)
 REPLY_FIELDS: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
     "fit_reply": {
         "loss": (-1e6, 1e6, False, False),
         "num_samples": (0, 2**40, False, True),
         "privacy_epsilon": EPSILON_FIELD,
         "privacy_noise_multiplier": NOISE_FIELD,
+        "accuracy": ACCURACY_FIELD,  # only when the fit message asked to EVALUATE_AFTER_FIT
+        "num_test": NUM_TEST_FIELD,
     },
     "predict_reply": {"privacy_epsilon": EPSILON_FIELD, "privacy_noise_multiplier": NOISE_FIELD},
     "evaluate_reply": {
-        "accuracy": (0.0, 1.0, True, False),
-        "num_test": (0, 2**40, False, True),
+        "accuracy": (*ACCURACY_FIELD[:2], True, False),
+        "num_test": NUM_TEST_FIELD,
         "privacy_epsilon": EPSILON_FIELD,
         "privacy_noise_multiplier": NOISE_FIELD,
     },
 }
+
+
+# A fit message whose config sets this key true asks the client to evaluate the model it has just trained
+# and put ``accuracy`` and ``num_test`` in its fit reply: the round's evaluation rides on the fit exchange
+# (one exchange per round instead of two; on Flower each exchange costs seconds of process start and polling).
+EVALUATE_AFTER_FIT = "evaluate"
+EVALUATION_FIELDS = ("accuracy", "num_test")
+
+
+def traffic_nbytes(message: Message) -> int:
+    """Bytes the message counts as traffic: its encoded size without the evaluation it carries (the
+    :data:`EVALUATE_AFTER_FIT` request and its answer), as an ``evaluate`` exchange is not counted either."""
+    riders = (EVALUATE_AFTER_FIT, *EVALUATION_FIELDS) if message.type in ("fit", "fit_reply") else ()
+    if not any(key in message.config for key in riders):
+        return message.nbytes
+    config = {k: v for k, v in message.config.items() if k not in riders}
+    return Message(message.type, config, message.arrays).nbytes
 
 
 def check_reply_fields(message: Message) -> None:

@@ -45,6 +45,11 @@ def node_reply(context, message: Message, round_index: int = 0) -> Message:
     return from_records(handle_client(sent, context).content)
 
 
+# A fit reply under DP: the ε and noise of its noised logits, and the evaluation it carries (the accuracy on
+# the shared evaluation split, as an evaluate reply reports it: a measurement, not training data).
+NOISED_FIT_REPLY = {"privacy_epsilon", "privacy_noise_multiplier", "accuracy", "num_test"}
+
+
 def node_context(recipe_text: str, node_config: dict):
     from flwr.app import Context, RecordDict
 
@@ -126,7 +131,7 @@ def test_flower_deployment_under_dp_nodes_send_only_noised_logits(tmp_path, fede
     fits = {name: reply for name, reply in replies.items() if reply.type == "fit_reply"}
     assert sorted(name.split("-")[1] for name in fits) == ["client0", "client1"]
     for reply in fits.values():
-        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
+        assert set(reply.arrays) == {"logits"} and set(reply.config) == NOISED_FIT_REPLY
         logits = reply.arrays["logits"].astype(np.float64)
         assert logits.std() > 0.5 * SPEC.noise_std(len(logits))  # the clean logits are within ±20
     for reply in replies.values():
@@ -182,7 +187,7 @@ def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monk
     replies = [Message.decode(path.read_bytes()) for path in sorted((out / REPLIES_FOLDER).glob("*-fit_reply.msg"))]
     assert len(replies) == 2
     for reply in replies:
-        assert set(reply.arrays) == {"logits"} and set(reply.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
+        assert set(reply.arrays) == {"logits"} and set(reply.config) == NOISED_FIT_REPLY
         logits = reply.arrays["logits"].astype(np.float64)
         assert logits.std() > 0.5 * SPEC.noise_std(len(logits))
     run_key = json.loads((out / "flower_run.json").read_text())["run_key"]

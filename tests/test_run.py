@@ -56,6 +56,31 @@ def test_same_seed_same_metrics(tmp_path):
     assert without_timing(read_rows(tmp_path / "a")) == without_timing(read_rows(tmp_path / "b"))
 
 
+def test_the_evaluation_rides_on_the_fit_exchange_and_measures_what_an_evaluate_exchange_would(tmp_path, monkeypatch):
+    """FedMMKT's fit message asks each sampled client to evaluate the model it has just trained, so a round
+    needs one exchange: only the client left out of the round's sample gets an ``evaluate`` message. Every
+    metric (accuracies, bytes) equals that of clients that ignore the request and are all asked apart."""
+    overrides = ["federation.rounds=2", "federation.sample_fraction=0.75", "generator.params.fine_tune_steps=5"]
+
+    def run(name):
+        evaluated = []
+
+        def events(kind, **data):
+            if kind == "phase_start" and data["name"] == "evaluate":
+                evaluated.append(data["total"])
+
+        Runner(load_recipe(SMOKE, overrides), tmp_path / name, events=events).run()
+        return without_timing(read_rows(tmp_path / name)), evaluated
+
+    folded, folded_evaluations = run("folded")
+    monkeypatch.setattr("fedmmkt_core.client.runtime.EVALUATE_AFTER_FIT", "a key no message carries")
+    apart, apart_evaluations = run("apart")
+    assert folded_evaluations == [1, 1]  # per round: the one client not sampled
+    assert apart_evaluations == [4, 4]
+    assert folded == apart
+    assert all(len(row["client_accuracy"]) == 4 and len(row["clients_sampled"]) == 3 for row in folded)
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     overrides = ["federation.rounds=4", "algorithm={name: local}", "data.partitioner.params.alpha=0.3"]
     Runner(load_recipe(SMOKE, overrides), tmp_path / "full").run()

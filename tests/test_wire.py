@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedmmkt_core.wire import Message, MessageError
+from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message, MessageError, check_reply_fields, traffic_nbytes
 
 
 def test_round_trip_and_size():
@@ -46,3 +46,17 @@ def test_zero_dimensional_arrays_keep_their_shape():
     # np.ascontiguousarray would turn () into (1,): BatchNorm counters must survive the wire
     back = Message.decode(Message("x", {}, {"count": np.array(7, dtype=np.int64)}).encode())
     assert back.arrays["count"].shape == () and int(back.arrays["count"]) == 7
+
+
+def test_an_evaluation_riding_on_a_fit_exchange_is_not_counted_as_traffic():
+    logits = {"logits": np.ones((5, 3), np.float16)}
+    reply = Message("fit_reply", {"num_samples": 40, "loss": 0.5, "accuracy": 0.75, "num_test": 12}, logits)
+    assert traffic_nbytes(reply) == Message("fit_reply", {"num_samples": 40, "loss": 0.5}, logits).nbytes
+    assert traffic_nbytes(reply) < reply.nbytes
+    request = Message("fit", {"seed": 3, EVALUATE_AFTER_FIT: True})
+    assert traffic_nbytes(request) == Message("fit", {"seed": 3}).nbytes
+    evaluate_reply = Message("evaluate_reply", {"accuracy": 0.75, "num_test": 12})  # not a fit: counted whole
+    assert traffic_nbytes(evaluate_reply) == evaluate_reply.nbytes
+    check_reply_fields(reply)
+    with pytest.raises(MessageError, match="accuracy"):
+        check_reply_fields(Message("fit_reply", {"accuracy": 1.5}))

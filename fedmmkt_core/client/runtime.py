@@ -11,7 +11,8 @@ refuses (:class:`~fedmmkt_core.privacy.PrivacyRefused`, recorded by the server a
 failure) ``return_weights`` and any upload past ``privacy.max_epsilon``.
 
 ``fit``       train locally. config: ``seed``, optional ``kd_weight``/``temperature``,
-              ``return_weights``, ``logits_dtype``; arrays: optional ``weights/*`` (start from
+              ``return_weights``, ``logits_dtype``, ``evaluate`` (also reply ``accuracy`` and
+              ``num_test`` of the model just trained, as ``evaluate`` would); arrays: optional ``weights/*`` (start from
               these), ``distill_images`` + ``distill_soft_labels``, ``predict_images``.
               Reply: ``num_samples`` and metrics, ``weights/*`` when asked (FedAvg only), and
               ``logits`` + ``class_counts`` on ``predict_images`` after training when given.
@@ -34,7 +35,7 @@ from fedmmkt_core.faults import FaultSpec
 from fedmmkt_core.interfaces import ClientModel
 from fedmmkt_core.privacy import PrivacyLedger, PrivacyRefused, SoftLabelPrivacy
 from fedmmkt_core.rundir import load_safetensors, save_safetensors
-from fedmmkt_core.wire import Message, MessageError, with_prefix
+from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message, MessageError, with_prefix
 
 # The client-side secret that makes DP noise reproducible (see ClientRuntime.noise_rng). Read by the
 # client alone: from this environment variable in-process, from the node config on Flower.
@@ -125,6 +126,8 @@ class ClientRuntime:
         config: dict = self._privacy_report(charge)
         if self.privacy is None:  # under DP only noised, accounted values go up
             config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
+        if message.config.get(EVALUATE_AFTER_FIT):  # the evaluation split, as an evaluate reply reports it
+            config.update(self._test_accuracy())
         return Message("fit_reply", config, arrays)
 
     def _charge(self, message: Message, rows: int) -> tuple[int, float] | None:
@@ -183,10 +186,12 @@ class ClientRuntime:
 
     def _evaluate(self, message: Message) -> Message:
         self._maybe_set_weights(message)
+        return Message("evaluate_reply", {**self._test_accuracy(), **self._privacy_report(None)})
+
+    def _test_accuracy(self) -> dict[str, float | int]:
         logits = self.model.predict_logits(self.test.images)
         accuracy = float((np.argmax(logits, axis=1) == self.test.labels).mean()) if len(self.test) else float("nan")
-        config = {"accuracy": accuracy, "num_test": len(self.test), **self._privacy_report(None)}
-        return Message("evaluate_reply", config)
+        return {"accuracy": accuracy, "num_test": len(self.test)}
 
 
 def _logits_dtype(message: Message) -> str:

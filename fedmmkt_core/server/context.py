@@ -21,7 +21,7 @@ from fedmmkt_core.data import ServerData, TaskSpec
 from fedmmkt_core.errors import ClientFailure
 from fedmmkt_core.models import build_client_model
 from fedmmkt_core.seeding import derive_seed
-from fedmmkt_core.wire import Message, MessageError, check_reply_fields
+from fedmmkt_core.wire import Message, MessageError, check_reply_fields, traffic_nbytes
 
 if TYPE_CHECKING:
     from fedmmkt_core.interfaces import Aggregator, AlignmentLoss, Backend, ClientModel, Generator
@@ -51,6 +51,8 @@ class RoundStats:
     bytes_down: dict[int, int] = field(default_factory=dict)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # client id -> accuracy its fit reply carried (the fit message asked to EVALUATE_AFTER_FIT)
+    accuracy_after_fit: dict[int, float] = field(default_factory=dict)
 
 
 class ServerContext:
@@ -147,7 +149,9 @@ class ServerContext:
 
         A client that raised, replied with the wrong type (``expect``) or failed ``validate`` is
         recorded in the round's failures and left out. Fewer than ``required`` good replies
-        (default: ``federation.min_clients``) raises :class:`RoundFailed`.
+        (default: ``federation.min_clients``) raises :class:`RoundFailed`. A good fit reply's
+        ``accuracy`` (asked for by :data:`~fedmmkt_core.wire.EVALUATE_AFTER_FIT`) is kept for
+        :meth:`evaluate_clients`; that evaluation is not counted as traffic.
         """
         if self._backend is None:
             raise RuntimeError("no backend started")
@@ -156,13 +160,13 @@ class ServerContext:
         good: dict[int, Message] = {}
         for client_id, message in messages.items():
             if count_bytes:
-                self.stats.bytes_down[client_id] = self.stats.bytes_down.get(client_id, 0) + message.nbytes
+                self.stats.bytes_down[client_id] = self.stats.bytes_down.get(client_id, 0) + traffic_nbytes(message)
             reply = replies.get(client_id, ClientFailure(client_id, "no reply"))
             try:
                 if isinstance(reply, BaseException):
                     raise reply
                 if count_bytes:
-                    self.stats.bytes_up[client_id] = self.stats.bytes_up.get(client_id, 0) + reply.nbytes
+                    self.stats.bytes_up[client_id] = self.stats.bytes_up.get(client_id, 0) + traffic_nbytes(reply)
                 self._note_epsilon(client_id, reply)
                 if expect is not None and reply.type != expect:
                     raise MessageError(f"expected a '{expect}' reply, got '{reply.type}'")
@@ -176,6 +180,8 @@ class ServerContext:
                 log.warning("round %d, %s: client %d failed: %s", self.round_index + 1, phase, client_id, reason)
                 continue
             good[client_id] = reply
+            if reply.type == "fit_reply" and "accuracy" in reply.config:
+                self.stats.accuracy_after_fit[client_id] = float(reply.config["accuracy"])
         needed = min(self.recipe.federation.min_clients if required is None else required, len(messages))
         if len(good) < needed:
             reasons = "; ".join(
@@ -200,12 +206,23 @@ class ServerContext:
         ``client_accuracy`` holds every client that answered; ``client_accuracy_mean`` / ``_min`` leave
         out the clients that failed earlier in this round (their reply was rejected: NaN, wrong shape,
         raised, timed out...), whose accuracies are also in ``client_accuracy_failed`` (present only when
-        one failed). When every evaluated client failed this round, mean and min are left out."""
+        one failed). When every evaluated client failed this round, mean and min are left out.
+
+        Without ``arrays``, a client whose fit reply this round carried its accuracy (the algorithm's fit
+        message set :data:`~fedmmkt_core.wire.EVALUATE_AFTER_FIT`) is not asked again: only the others
+        (not sampled, failed, or not asked) get an ``evaluate`` message, and none is sent when every
+        client answered in its fit reply. With ``arrays`` (e.g. FedAvg's global weights) every client is."""
         failed = {int(f["client"]) for f in self.stats.failures}  # this round's, before the evaluation
-        messages = {info.client_id: Message("evaluate", {}, dict(arrays or {})) for info in self.clients}
-        replies = self.exchange("evaluate", messages, expect="evaluate_reply", count_bytes=False, required=1)
-        accuracy = {k: float(reply.config["accuracy"]) for k, reply in sorted(replies.items())}
-        return accuracy_metrics(accuracy, failed)
+        known = {} if arrays else {k: v for k, v in self.stats.accuracy_after_fit.items() if k not in failed}
+        accuracy = dict(known)
+        asked = [info.client_id for info in self.clients if info.client_id not in known]
+        if asked:
+            messages = {k: Message("evaluate", {}, dict(arrays or {})) for k in asked}
+            replies = self.exchange(
+                "evaluate", messages, expect="evaluate_reply", count_bytes=False, required=0 if known else 1
+            )
+            accuracy.update({k: float(reply.config["accuracy"]) for k, reply in replies.items()})
+        return accuracy_metrics(dict(sorted(accuracy.items())), failed)
 
 
 def accuracy_metrics(accuracy: Mapping[int, float], failed: set[int]) -> dict[str, Any]:

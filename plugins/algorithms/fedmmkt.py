@@ -24,7 +24,7 @@ from fedmmkt_core.privacy import SoftLabelPrivacy
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.seeding import derive_seed
 from fedmmkt_core.server.context import ServerContext
-from fedmmkt_core.wire import Message, MessageError
+from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message, MessageError
 
 # Trained classifiers' logits stay within tens; a reply far beyond is broken or hostile.
 MAX_ABS_LOGIT = 1000.0
@@ -379,6 +379,7 @@ class FedMMKT(Algorithm):
             "kd_weight": cfg.kd_weight,
             "temperature": cfg.kd_temperature,
             "logits_dtype": cfg.logits_dtype,
+            EVALUATE_AFTER_FIT: True,  # the round's evaluation rides on this exchange (see evaluate)
         }
         arrays = {"predict_images": images}
         if self.previous is not None:
