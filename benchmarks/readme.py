@@ -504,14 +504,20 @@ def flower_section(flower: dict[str, Any] | None) -> list[str]:
     summary = flower["summary"]
     reading = ""
     if "deployment" in summary and "inprocess" in summary:
-        ratio = summary["deployment"]["round_seconds"]["mean"] / summary["inprocess"]["round_seconds"]["mean"]
-        reading = f"A deployment round takes {ratio:.2f}× an in-process round (means over rounds). "
+        deployed, local = summary["deployment"]["round_seconds"]["mean"], summary["inprocess"]["round_seconds"]["mean"]
+        reading = (
+            f"A deployment round takes {deployed / local:.2f}× an in-process round (means over rounds), "
+            f"{deployed - local:.1f} s more. "
+        )
+    exchanges = "twice a round (fit, evaluate)"
+    if "deployment" in summary and "evaluate" not in summary["deployment"].get("phase_seconds", {}):
+        exchanges = "once a round (the fit exchange, whose replies carry the round's evaluation)"
     return [
         *lines,
         "",
         reading + "The federation's SuperNodes run warm (`warm=true`: one long-lived client worker per node "
         "keeps torch imported and the node's data loaded; docs/flower.md, Speed). What a deployment round still "
-        "pays is Flower 1.41's own, twice a round (fit, evaluate): a new `flwr-clientapp` process per message "
+        f"pays is Flower 1.41's own, {exchanges}: a new `flwr-clientapp` process per message "
         "(Python and flwr imported), and a SuperNode that, when idle, polls the SuperLink every 3 s (a fixed "
         "sleep in `flwr/supernode/start_client_internal.py`). The simulation engine keeps its Ray workers "
         "alive between messages.",
