@@ -168,6 +168,38 @@ def test_a_nodes_own_privacy_settings_and_budget_win_when_stricter(tmp_path, flo
     assert set(own.arrays) == {"logits"} and set(own.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
 
 
+def test_a_recipe_without_privacy_takes_a_dp_sites_upload_and_weighs_every_client_alike(tmp_path, flower_task):
+    """The site of a recipe without DP that runs under its own sends noised logits, no class counts: the
+    server bounds them by the noise the site reports (not by the clean bound) and does not ask for counts,
+    and the class-aware KD weighting falls back to uniform for the round, as under the recipe's DP."""
+    from fedmmkt_plugins.aggregators.kd import KDAggregator
+    from fedmmkt_plugins.algorithms.fedmmkt import MAX_ABS_LOGIT, FedMMKT
+
+    from fedmmkt_core.interfaces import ClientReply
+    from fedmmkt_core.wire import MessageError
+
+    images = np.random.default_rng(0).integers(0, 255, (400, 8, 8, 1), dtype=np.uint8)
+    wants_dp = {"state-dir": str(tmp_path / "dp"), "dp-noise-multiplier": 4.0}
+    site = node_reply(node_context(RECIPE, wants_dp), fit(images))
+    clean = node_reply(node_context(RECIPE, {"state-dir": str(tmp_path / "clean")}), fit(images))
+    algorithm = FedMMKT(FedMMKT.Config(logits_dtype="float32"))
+    algorithm.class_prompts = [f"class {c}" for c in range(10)]
+    algorithm.privacy = None  # the recipe's
+    assert np.abs(site.arrays["logits"]).max() > MAX_ABS_LOGIT  # beyond the clean bound: 4 x 2 x 5 x sqrt(400)
+    algorithm._check_logits(site, len(images))  # taken, without class counts
+    algorithm._check_logits(clean, len(images))
+    unreported = Message("fit_reply", {}, {"logits": site.arrays["logits"]})
+    with pytest.raises(MessageError, match="beyond the plausible"):
+        algorithm._check_logits(unreported, len(images))  # no noise reported: the clean bound
+    replies = [
+        ClientReply(k, r.arrays["logits"], int(r.config.get("num_samples", 0)), r.arrays.get("class_counts"))
+        for k, r in enumerate((clean, site))
+    ]
+    aggregator = KDAggregator(KDAggregator.Config(weighting="class_aware"))
+    q = aggregator.aggregate(0, replies)
+    assert aggregator.weighting == "uniform" and np.allclose(q.sum(axis=1), 1.0)
+
+
 def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monkeypatch):
     """The same on Flower's simulation engine (one virtual SuperNode per client, Ray)."""
     pytest.importorskip("ray", reason="the flower-simulation extra is not installed")

@@ -75,11 +75,12 @@ class KDAggregator(Aggregator):
         return (q / q.sum(axis=-1, keepdims=True)).astype(np.float32)
 
     def _effective_weighting(self, replies: Sequence[ClientReply]) -> str:
-        """The configured weighting, or uniform when every client withheld what it needs (as under DP)."""
+        """The configured weighting, or uniform when a client withheld what it needs (every client under the
+        recipe's DP; a site that runs under its own DP in a recipe without it)."""
         kind = self.config.weighting
-        if kind == "class_aware" and all(r.class_counts is None for r in replies):
+        if kind == "class_aware" and any(r.class_counts is None for r in replies):
             return "uniform"
-        if kind == "samples" and all(r.num_samples <= 0 for r in replies):
+        if kind == "samples" and any(r.num_samples <= 0 for r in replies):
             return "uniform"
         return kind
 

@@ -394,7 +394,7 @@ class FedMMKT(Algorithm):
         bound = MAX_ABS_LOGIT + (8 * privacy.noise_std(count) if privacy is not None else 0.0)
         if largest > bound:
             raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
-        if self.privacy is not None:  # under DP clients withhold counts (they would escape ε)
+        if privacy is not None:  # under DP (the recipe's or a site's own) counts are withheld (they would escape ε)
             return
         counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
         if (counts < 0).any():
@@ -405,9 +405,9 @@ class FedMMKT(Algorithm):
     def _reply_privacy(self, reply: Message) -> SoftLabelPrivacy | None:
         """The DP settings a reply's logits were noised under, for their plausibility bound: the recipe's,
         or a stricter site's noise multiplier the client reports, up to ``MAX_SITE_NOISE_FACTOR`` times the
-        recipe's (a claim of less noise than the recipe's changes nothing)."""
-        if self.privacy is None:
-            return None
+        recipe's (a claim of less noise than the recipe's changes nothing). In a recipe without DP, a site that
+        runs under its own reports its multiplier too (default clipping, as the client applies it; the cap is
+        ``MAX_SITE_NOISE_FACTOR`` times a multiplier of 1); ``None`` for a reply that reports none."""
         reported = reply.config.get("privacy_noise_multiplier")
         if reported is None:
             return self.privacy
@@ -417,9 +417,10 @@ class FedMMKT(Algorithm):
             raise MessageError(f"privacy_noise_multiplier must be a number, got {reported!r}") from None
         if not np.isfinite(value) or value <= 0:
             raise MessageError(f"privacy_noise_multiplier must be positive and finite, got {value}")
-        recipe = self.privacy.noise_multiplier
-        noise = min(max(value, recipe), MAX_SITE_NOISE_FACTOR * recipe)
-        return self.privacy.model_copy(update={"noise_multiplier": noise})
+        base = self.privacy if self.privacy is not None else SoftLabelPrivacy(noise_multiplier=1.0)
+        recipe = self.privacy.noise_multiplier if self.privacy is not None else 0.0
+        noise = min(max(value, recipe), MAX_SITE_NOISE_FACTOR * base.noise_multiplier)
+        return base.model_copy(update={"noise_multiplier": noise})
 
     def _aggregator_name(self, ctx: ServerContext) -> str:
         name = ctx.recipe.aggregator.name if ctx.recipe.aggregator is not None else "kd"
