@@ -232,3 +232,48 @@ def test_sharpened_feddf_divides_the_ensembles_temperature_and_ignores_the_promp
     assert plain[0] < algorithm.aggregate(0, replies)[0][0]  # sharpening raises the top class's share
     with pytest.raises(ValueError):
         FedDFSharpened.Config(client_targets="agreed")
+
+
+def test_hard_sample_transfer_keeps_each_class_least_certain_images():
+    algorithm = _algorithm(samples_per_class=2, transfer_candidates=2)
+    soft = np.array(
+        [
+            [0.9, 0.1],  # class 0: entropy 0.325
+            [0.5, 0.5],  # 0.693: the hardest
+            [0.6, 0.4],  # 0.673
+            [0.99, 0.01],  # 0.056
+            [0.2, 0.8],  # class 1: 0.500
+            [0.1, 0.9],  # 0.325
+            [0.3, 0.7],  # 0.611
+            [0.2, 0.8],  # 0.500, a tie with image 4: the earlier image wins
+        ],
+        np.float32,
+    )
+    class_ids = np.repeat(np.arange(2), 4)
+    assert algorithm.select_transfer(soft, class_ids).tolist() == [1, 2, 4, 6]
+    assert algorithm.candidates_per_class() == 4
+    assert _algorithm(samples_per_class=2).select_transfer(soft, class_ids).tolist() == list(range(8))
+    # the base's share is taken of every class's candidates
+    mixed = _algorithm(samples_per_class=2, transfer_candidates=2, base_fraction=0.5)
+    assert mixed.base_mask(class_ids).tolist() == [True, True, False, False] * 2
+
+
+def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(tmp_path, monkeypatch):
+    sent = []
+    original = FedMMKT._fit_message
+
+    def recording(self, ctx, round_index, client_id, images):
+        message = original(self, ctx, round_index, client_id, images)
+        sent.append((round_index, len(message.arrays["predict_images"]), len(message.arrays.get("distill_images", []))))
+        return message
+
+    monkeypatch.setattr(FedMMKT, "_fit_message", recording)
+    recipe = parse_recipe(
+        RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt, params: {transfer_candidates: 3, ")
+    )
+    Runner(recipe, tmp_path / "run").run()
+    rows = _rows(tmp_path / "run")
+    assert [row["synthetic_images"] for row in rows] == [120, 120]  # 10 classes x 4 x 3 scored
+    assert [row["transfer_images"] for row in rows] == [40, 40]
+    assert sorted(set(sent)) == [(0, 120, 0), (1, 120, 40)]  # next round distils on the 40 chosen
+    assert all(0 < row["transfer_entropy"] for row in rows)

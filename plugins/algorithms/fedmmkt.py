@@ -33,6 +33,15 @@ MAX_SITE_NOISE_FACTOR = 10.0  # a stricter site's reported noise widens the logi
 
 class FedMMKTConfig(ComponentConfig):
     samples_per_class: int = Field(30, ge=1, le=10_000, description="synthetic pairs per class per round")
+    transfer_candidates: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="hard-sample transfer: draw this many times samples_per_class images per class; the clients "
+        "score them all (the generator is fine-tuned on them all), and next round they distil on the "
+        "samples_per_class of each class the federation is least sure of (highest entropy of its soft labels, "
+        "the hard samples FedFTG and DENSE mine). 1: every image is distilled on",
+    )
     kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
     logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
@@ -100,6 +109,7 @@ class FedMMKT(Algorithm):
     * :meth:`base_mask`: who draws each transfer image (the frozen base or the adapted generator);
     * :meth:`aggregate`: the federation's soft labels from the clients' logits;
     * :meth:`distill_targets`: what the clients distil next round (the client-target rule);
+    * :meth:`select_transfer`: which of the round's images they distil on (hard samples);
     * :meth:`judge_sources`: the transfer policy's feedback (the clients' verdict on each source);
     * :meth:`generator_training_batch`: what the generator's LoRA is fine-tuned on.
 
@@ -219,13 +229,14 @@ class FedMMKT(Algorithm):
             self.initial = self.measure_generator(ctx, 0)
             self.latest = self.initial
         num_classes = ctx.task.num_classes
-        class_ids = np.repeat(np.arange(num_classes), cfg.samples_per_class)
+        per_class = self.candidates_per_class()
+        class_ids = np.repeat(np.arange(num_classes), per_class)
         prompts = [self.class_prompts[c] for c in class_ids]
         with ctx.phase("synthesize"):
             seeds = [ctx.seed_for("synthesize", round_index, j) for j in range(len(prompts))]
             from_base = self.base_mask(class_ids)
             shape = (len(prompts), ctx.task.image_size, ctx.task.image_size, ctx.task.channels)
-            what = f"{len(prompts)} synthetic images ({cfg.samples_per_class} per class) of {shape[1]}x{shape[2]}"
+            what = f"{len(prompts)} synthetic images ({per_class} per class) of {shape[1]}x{shape[2]}"
             check_allocation(int(np.prod(shape)), what)  # samples_per_class x image_size: refused, not MemoryError
             images = np.zeros(shape, np.uint8)
             for mask, draw in ((from_base, generator.generate_base), (~from_base, generator.generate)):
@@ -241,6 +252,7 @@ class FedMMKT(Algorithm):
                 self.aggregate(round_index, replies), (len(images), num_classes), self._aggregator_name(ctx)
             )
             targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
+            transfer = self.select_transfer(soft_labels, class_ids)
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
             **mean_train_loss(replies),
@@ -250,6 +262,10 @@ class FedMMKT(Algorithm):
         }
         if trusted is not None:
             metrics["prompt_trusted_rate"] = float(np.mean(trusted))
+        if len(transfer) < len(images):
+            metrics["transfer_images"] = len(transfer)
+            metrics["transfer_entropy"] = float(np.mean(entropy(soft_labels[transfer])))
+            metrics["transfer_adapter_images"] = float(np.sum(~from_base[transfer]))
         metrics.update(self.judge_sources(batch.alignment, class_ids, from_base))
         excluded = getattr(self.aggregator, "excluded", None)  # clients a robust aggregator left out
         if excluded:
@@ -263,19 +279,41 @@ class FedMMKT(Algorithm):
                 metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
         if cfg.replay_buffer > 0:
             self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
-        self.previous = (images, targets)
+        self.previous = (images[transfer], targets[transfer])
         return metrics
+
+    def candidates_per_class(self) -> int:
+        """Images drawn per class each round: ``samples_per_class`` times ``transfer_candidates``."""
+        return self.config.samples_per_class * self.config.transfer_candidates
+
+    def select_transfer(self, soft_labels: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+        """Hook: which of the round's images the clients distil on next round, as sorted indices.
+
+        ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes. Here: all of
+        them when ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images whose
+        soft labels have the highest entropy (ties to the earlier image), so the set stays class-balanced."""
+        per_class = self.config.samples_per_class
+        if self.config.transfer_candidates == 1:
+            return np.arange(len(class_ids))
+        uncertainty = entropy(soft_labels)
+        keep = []
+        for c in np.unique(class_ids):
+            members = np.flatnonzero(class_ids == c)
+            order = np.argsort(-uncertainty[members], kind="stable")
+            keep.append(members[order[:per_class]])
+        return np.sort(np.concatenate(keep))
 
     def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
         """Hook: who draws each transfer image. ``class_ids [N]`` is this round's prompt classes, in class
-        blocks of ``samples_per_class``; return a boolean mask ``[N]``, True where the frozen base
+        blocks of :meth:`candidates_per_class`; return a boolean mask ``[N]``, True where the frozen base
         (``Generator.generate_base``, adapter off) draws the image, False where the adapted generator does.
 
-        Here: ``transfer_policy`` fixed, the first ``round(base_fraction · samples_per_class)`` of each
-        class; judged, ``1 - adapter_share[c]`` of class c (set by :meth:`judge_sources`). A variant that
+        Here: ``transfer_policy`` fixed, the first ``round(base_fraction · n)`` of each class's ``n`` images
+        (:meth:`candidates_per_class`); judged, ``1 - adapter_share[c]`` of class c (set by
+        :meth:`judge_sources`). A variant that
         returns True anywhere needs ``generate_base`` and must say so in ``generator_requirements``."""
         cfg = self.config
-        per_class = cfg.samples_per_class
+        per_class = self.candidates_per_class()
         position_in_class = np.arange(len(class_ids)) % per_class
         if cfg.transfer_policy == "fixed" or self.adapter_share is None:
             return position_in_class < round(cfg.base_fraction * per_class)
@@ -488,6 +526,12 @@ def mean_train_loss(replies: dict[int, Message]) -> dict[str, float]:
     """``train_loss``: the clients' mean reported loss (absent when every client withheld it, as under DP)."""
     losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
     return {"train_loss": float(np.mean(losses))} if losses else {}
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of ``probabilities [N, C]``."""
+    p = np.asarray(probabilities, np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
 
 
 def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
