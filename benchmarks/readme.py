@@ -255,8 +255,28 @@ def ablations_section(data: dict[str, Any] | None, file: str, archived: bool = F
     return [*lines, ""]
 
 
-def loop_section(data: dict[str, Any] | None, file: str) -> list[str]:
-    """The loop's validation study: each variant's figures and its paired differences, every seed listed."""
+LOOP_STUDY = (
+    "The loop after the latent fix",
+    "Validation split and the selection oracle; `fedmmkt` is the recipe (transfer set from the frozen base, so its "
+    "clients are the frozen-generator ablation's), `no-feedback` the step-matched control, `transfer=judged` the "
+    "on-policy transfer policy, `base_fraction=0.5` and `base_fraction=0` fixed shares of adapter images in "
+    "the clients' transfer set (half, all), `fine_tune_on=base` half of them while the adapter trains on "
+    "the base's half only.",
+)
+HARD_STUDY = (
+    "Hard-sample transfer",
+    "Validation split and the selection oracle. Each round the server draws twice the transfer images "
+    "(`transfer_candidates=2`), the clients score them all, and next round they distil on each class's "
+    "half the federation is least sure of (highest entropy of its soft labels). `base_fraction=0` draws them "
+    "all from the adapter, `frozen-generator` all from the frozen base (the loop's control, the same "
+    "selection, the same counts); the reference is the frozen arm; `frozen-generator` alone distils on every "
+    "image (no selection).",
+)
+
+
+def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] = LOOP_STUDY) -> list[str]:
+    """A validation study of the loop (``study``: title and what its variants are): each variant's figures
+    and its paired differences, every seed listed."""
     if data is None:
         return []
     from .ablations import baseline, paired_vs
@@ -264,16 +284,12 @@ def loop_section(data: dict[str, Any] | None, file: str) -> list[str]:
 
     recipe = data["setting"]["recipe"]
     current = baseline(Path(recipe))
+    title, variants = study
     lines = [
-        f"### The loop after the latent fix ({Path(recipe).stem}), on the validation split",
+        f"### {title} ({Path(recipe).stem}), on the validation split",
         "",
-        f"`{data['command']}` (workers merged) → `benchmarks/results/{file}` ({machine_line(data)}). Validation "
-        "split and the selection oracle; `fedmmkt` is the recipe (transfer set from the frozen base, so its clients "
-        "are the frozen-generator ablation's), `no-feedback` the step-matched control, `transfer=judged` the "
-        "on-policy transfer policy, `base_fraction=0.5` and `base_fraction=0` fixed shares of adapter images in "
-        "the clients' transfer set (half, all), `fine_tune_on=base` half of them while the adapter trains on "
-        "the base's half only. Mean ± std over seeds; CAS and Fréchet distance with their start "
-        "in brackets.",
+        f"`{data['command']}` (workers merged) → `benchmarks/results/{file}` ({machine_line(data)}). {variants} "
+        "Mean ± std over seeds; CAS and Fréchet distance with their start in brackets.",
         "",
         "| variant | validation acc. mean | acc. min | generator CAS (start) | Fréchet (start) | seeds |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -544,6 +560,7 @@ def render() -> str:
         *quality_section(load("quality-fashion.json"), "quality-fashion.json"),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
+        *loop_section(load("hard-digits.json"), "hard-digits.json", HARD_STUDY),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
