@@ -36,15 +36,19 @@ VARIANTS: dict[str, list[str]] = {
     "transfer=judged": ["algorithm.params.transfer_policy=judged", "algorithm.params.base_fraction=0.5"],
     "base_fraction=0.5,fine_tune_on=base": ["algorithm.params.base_fraction=0.5", "algorithm.params.fine_tune_on=base"],
     "frozen-generator": ["algorithm.name=fedmmkt-frozen-generator"],
-    # hard-sample transfer: twice the images scored, the least certain half of each class distilled on
-    "frozen-generator,transfer_candidates=2": [
-        "algorithm.name=fedmmkt-frozen-generator",
-        "algorithm.params.transfer_candidates=2",
-    ],
-    "base_fraction=0,transfer_candidates=2": [
-        "algorithm.params.base_fraction=0.0",
-        "algorithm.params.transfer_candidates=2",
-    ],
+    # hard-sample transfer: twice the images scored, each class's hardest half distilled on (by the rule named)
+    **{
+        f"{arm},candidates=2,{rule}": [
+            *source,
+            "algorithm.params.transfer_candidates=2",
+            f"algorithm.params.transfer_selection={rule}",
+        ]
+        for rule in ("entropy", "disagreement")
+        for arm, source in (
+            ("frozen-generator", ["algorithm.name=fedmmkt-frozen-generator"]),
+            ("base_fraction=0", ["algorithm.params.base_fraction=0.0"]),
+        )
+    },
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
     "ceiling-generator": ["algorithm.name=fedmmkt-ceiling-generator"],

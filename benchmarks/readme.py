@@ -266,11 +266,12 @@ LOOP_STUDY = (
 HARD_STUDY = (
     "Hard-sample transfer",
     "Validation split and the selection oracle. Each round the server draws twice the transfer images "
-    "(`transfer_candidates=2`), the clients score them all, and next round they distil on each class's "
-    "half the federation is least sure of (highest entropy of its soft labels). `base_fraction=0` draws them "
-    "all from the adapter, `frozen-generator` all from the frozen base (the loop's control, the same "
-    "selection, the same counts); the reference is the frozen arm; `frozen-generator` alone distils on every "
-    "image (no selection).",
+    "(`candidates=2`), the clients score them all, and next round they distil on each class's half that the "
+    "rule ranks hardest: `entropy`, where the federation's soft label is least certain (measured at commit "
+    "4f1bd0c, before the rule had a name); `disagreement`, where the clients disagree most (Jensen-Shannon "
+    "divergence of their outputs). `base_fraction=0` draws every image from the adapter, `frozen-generator` "
+    "from the frozen base (the loop's control: same selection, same counts); `frozen-generator` alone distils "
+    "on every image it draws, as the recipe does (no selection).",
 )
 
 

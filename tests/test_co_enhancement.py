@@ -234,8 +234,8 @@ def test_sharpened_feddf_divides_the_ensembles_temperature_and_ignores_the_promp
         FedDFSharpened.Config(client_targets="agreed")
 
 
-def test_hard_sample_transfer_keeps_each_class_least_certain_images():
-    algorithm = _algorithm(samples_per_class=2, transfer_candidates=2)
+def test_entropy_selection_keeps_each_class_least_certain_images():
+    algorithm = _algorithm(samples_per_class=2, transfer_candidates=2, transfer_selection="entropy")
     soft = np.array(
         [
             [0.9, 0.1],  # class 0: entropy 0.325
@@ -250,12 +250,29 @@ def test_hard_sample_transfer_keeps_each_class_least_certain_images():
         np.float32,
     )
     class_ids = np.repeat(np.arange(2), 4)
-    assert algorithm.select_transfer(soft, class_ids).tolist() == [1, 2, 4, 6]
+    assert algorithm.select_transfer(soft, class_ids, {}).tolist() == [1, 2, 4, 6]
     assert algorithm.candidates_per_class() == 4
-    assert _algorithm(samples_per_class=2).select_transfer(soft, class_ids).tolist() == list(range(8))
+    assert _algorithm(samples_per_class=2).select_transfer(soft, class_ids, {}).tolist() == list(range(8))
     # the base's share is taken of every class's candidates
     mixed = _algorithm(samples_per_class=2, transfer_candidates=2, base_fraction=0.5)
     assert mixed.base_mask(class_ids).tolist() == [True, True, False, False] * 2
+
+
+def test_disagreement_selection_keeps_the_images_the_clients_disagree_on_not_the_unrecognisable():
+    from fedmmkt_plugins.algorithms.fedmmkt import disagreement
+
+    big = np.log(9.0)  # softmax([log 9, 0]) = [0.9, 0.1]
+    first = np.array([[big, 0], [0, 0], [big, 0], [big, 0]], np.float32)
+    second = np.array([[0, big], [0, 0], [big, 0], [0, 0]], np.float32)
+    # image 0: confident and opposed; 1: both unsure (the highest entropy, no disagreement); 2: agreed;
+    # 3: one sure, one unsure
+    h = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))
+    expected = [np.log(2) - h, 0.0, 0.0, -(0.7 * np.log(0.7) + 0.3 * np.log(0.3)) - (h + np.log(2)) / 2]
+    np.testing.assert_allclose(disagreement([first, second]), expected, atol=1e-6)
+    algorithm = _algorithm(samples_per_class=1, transfer_candidates=2)  # transfer_selection: disagreement
+    replies = {k: Message("fit_reply", {}, {"logits": x}) for k, x in enumerate([first, second])}
+    soft = np.full((4, 2), 0.5, np.float32)
+    assert algorithm.select_transfer(soft, np.array([0, 0, 1, 1]), replies).tolist() == [0, 3]
 
 
 def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from fedmmkt_plugins.aggregators.kd import KDAggregator
+from fedmmkt_plugins.aggregators.kd import KDAggregator, softmax
 from pydantic import Field
 
 from fedmmkt_core.cache import cache_dir
@@ -39,8 +39,14 @@ class FedMMKTConfig(ComponentConfig):
         le=16,
         description="hard-sample transfer: draw this many times samples_per_class images per class; the clients "
         "score them all (the generator is fine-tuned on them all), and next round they distil on the "
-        "samples_per_class of each class the federation is least sure of (highest entropy of its soft labels, "
-        "the hard samples FedFTG and DENSE mine). 1: every image is distilled on",
+        "samples_per_class of each class that transfer_selection ranks hardest. 1: every image is distilled on",
+    )
+    transfer_selection: Literal["disagreement", "entropy"] = Field(
+        "disagreement",
+        description="with transfer_candidates > 1, which images of a class are hard: disagreement, where the "
+        "clients disagree (the Jensen-Shannon divergence of their softmax outputs: entropy of their mean minus "
+        "their mean entropy, as FedFTG and DENSE mine hard samples); entropy, where the federation's soft label "
+        "is least certain (on validation it picked images no client recognises, and the clients lost accuracy)",
     )
     kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
@@ -252,7 +258,7 @@ class FedMMKT(Algorithm):
                 self.aggregate(round_index, replies), (len(images), num_classes), self._aggregator_name(ctx)
             )
             targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
-            transfer = self.select_transfer(soft_labels, class_ids)
+            transfer = self.select_transfer(soft_labels, class_ids, replies)
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
             **mean_train_loss(replies),
@@ -286,21 +292,28 @@ class FedMMKT(Algorithm):
         """Images drawn per class each round: ``samples_per_class`` times ``transfer_candidates``."""
         return self.config.samples_per_class * self.config.transfer_candidates
 
-    def select_transfer(self, soft_labels: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    def select_transfer(
+        self, soft_labels: np.ndarray, class_ids: np.ndarray, replies: dict[int, Message]
+    ) -> np.ndarray:
         """Hook: which of the round's images the clients distil on next round, as sorted indices.
 
-        ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes. Here: all of
-        them when ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images whose
-        soft labels have the highest entropy (ties to the earlier image), so the set stays class-balanced."""
-        per_class = self.config.samples_per_class
-        if self.config.transfer_candidates == 1:
+        ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes, ``replies``
+        the clients' validated ``fit_reply`` messages (``logits [N, C]``). Here: all of them when
+        ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images that
+        ``transfer_selection`` ranks hardest (ties to the earlier image), so the set stays class-balanced."""
+        cfg = self.config
+        if cfg.transfer_candidates == 1:
             return np.arange(len(class_ids))
-        uncertainty = entropy(soft_labels)
+        if cfg.transfer_selection == "entropy":
+            hardness = entropy(soft_labels)
+        else:
+            logits = [reply.arrays["logits"] for _, reply in sorted(replies.items())]
+            hardness = disagreement(logits, cfg.kd_temperature)
         keep = []
         for c in np.unique(class_ids):
             members = np.flatnonzero(class_ids == c)
-            order = np.argsort(-uncertainty[members], kind="stable")
-            keep.append(members[order[:per_class]])
+            order = np.argsort(-hardness[members], kind="stable")
+            keep.append(members[order[: cfg.samples_per_class]])
         return np.sort(np.concatenate(keep))
 
     def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
@@ -532,6 +545,13 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Shannon entropy (nats) of each row of ``probabilities [N, C]``."""
     p = np.asarray(probabilities, np.float64)
     return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+
+
+def disagreement(logits: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """How much the clients disagree on each image: the Jensen-Shannon divergence of their softmax outputs
+    (``logits``: one ``[N, C]`` array per client), the entropy of their mean minus their mean entropy."""
+    probabilities = [softmax(np.asarray(x, np.float64), temperature) for x in logits]
+    return entropy(np.mean(probabilities, axis=0)) - np.mean([entropy(p) for p in probabilities], axis=0)
 
 
 def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
