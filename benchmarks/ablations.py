@@ -138,9 +138,15 @@ def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None)
     return table
 
 
-def paired_vs(runs: list[dict[str, Any]], reference: str, current: dict[str, Any] | None = None) -> list[dict]:
+def paired_vs(
+    runs: list[dict[str, Any]],
+    reference: str,
+    current: dict[str, Any] | None = None,
+    pairs: list[list[str]] | None = None,
+) -> list[dict]:
     """Every variant against ``reference`` on the seeds both ran (same cell), per metric: the mean per-seed
-    difference with its 95 % t-interval; and each variant's CAS and Fréchet change from its start."""
+    difference with its 95 % t-interval; each ``[variant, other]`` of ``pairs`` the same way; and each
+    variant's CAS and Fréchet change from its start."""
     from .common import paired_interval
 
     chosen = [r for r in runs if label(r, current) == r["variant"]]
@@ -149,9 +155,10 @@ def paired_vs(runs: list[dict[str, Any]], reference: str, current: dict[str, Any
     for client_set, alpha, variant in sorted({(r["client_set"], r["alpha"], r["variant"]) for r in chosen}):
         mine = {s: r for (c, a, v, s), r in by.items() if (c, a, v) == (client_set, alpha, variant)}
         comparisons = []
-        if variant != reference:
-            comparisons += [(f"{metric}: {variant} - {reference}", metric, reference, metric)
-                            for metric in ("client_accuracy_mean", "generator_cas", "generator_fid")]  # fmt: skip
+        others = [reference] if variant != reference else []
+        others += [other for first, other in pairs or [] if first == variant and other not in others]
+        comparisons += [(f"{metric}: {variant} - {other}", metric, other, metric) for other in others
+                        for metric in ("client_accuracy_mean", "generator_cas", "generator_fid")]  # fmt: skip
         comparisons += [
             (f"{metric}: {variant} - its start", metric, variant, metric + "_initial")
             for metric in ("generator_cas", "generator_fid")
@@ -202,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=None, help="default: results/ablations-<recipe>.json")
     parser.add_argument("--merge-from", type=Path, nargs="*", default=[], help="add these files' runs (same setting)")
     parser.add_argument("--reference", default="fedmmkt", help="the variant paired differences are taken against")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("VARIANT", "OTHER"),
+                        help="also pair VARIANT against OTHER (repeatable): arms of one selection")  # fmt: skip
     parser.add_argument("--no-run", action="store_true", help="only merge and rewrite the results file")
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
@@ -228,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         atomic_write_json(result_file, {"setting": setting, "command": command, "machine": machine(), "runs": runs,
                                         "baseline": current, "table": summarize(runs, current),
-                                        "reference": args.reference,
-                                        "paired": paired_vs(runs, args.reference, current)})  # fmt: skip
+                                        "reference": args.reference, "pairs": args.pair,
+                                        "paired": paired_vs(runs, args.reference, current, args.pair)})  # fmt: skip
 
     print(f"{len(cells)} cells, {len(todo)} to run", flush=True)
     for index, (client_set, alpha, seed, variant) in enumerate(todo, 1):
@@ -241,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         save()
     save()
     print_table(summarize(runs, current))
-    print_paired(paired_vs(runs, args.reference, current))
+    print_paired(paired_vs(runs, args.reference, current, args.pair))
     print(f"wrote {result_file}")
 
 

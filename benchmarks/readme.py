@@ -308,7 +308,7 @@ def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] 
         )
     comparisons = [
         {**row, "metric": row["comparison"].split(":")[0]}
-        for row in paired_vs(data["runs"], data.get("reference", "fedmmkt"), current)
+        for row in paired_vs(data["runs"], data.get("reference", "fedmmkt"), current, data.get("pairs"))
     ]
     lines += ["", *paired_table(comparisons)]
     lines += ["", "Accuracy and CAS differences in points, Fréchet distances in the oracle's feature units.", ""]

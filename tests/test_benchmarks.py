@@ -198,3 +198,12 @@ def test_ablation_pairs_each_variant_with_the_reference_and_its_start_per_seed()
     assert start["seeds"] == [0, 1, 2] and start["per_seed"] == pytest.approx([0.15, 0.0, 0.6])
     assert rows["generator_fid: fedmmkt - its start"]["per_seed"] == pytest.approx([-10.0, -10.0])
     assert "client_accuracy_mean: fedmmkt - fedmmkt" not in rows
+    # an extra pair: two arms of one selection, compared with each other as well as with the reference
+    runs += [{**r, "variant": "judged-twin", "client_accuracy_mean": r["client_accuracy_mean"] - 0.01}
+             for r in runs if r["variant"] == "transfer=judged"]  # fmt: skip
+    rows = {
+        r["comparison"]: r for r in ablations.paired_vs(runs, "fedmmkt", pairs=[["transfer=judged", "judged-twin"]])
+    }
+    twin = rows["client_accuracy_mean: transfer=judged - judged-twin"]
+    assert twin["seeds"] == [0, 1, 2] and twin["per_seed"] == pytest.approx([0.01, 0.01, 0.01])
+    assert "client_accuracy_mean: judged-twin - transfer=judged" not in rows
