@@ -1,0 +1,84 @@
+"""FedMMKT's recipe parameters (``algorithm.params``), shared by every variant that subclasses it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedmmkt_core.interfaces import ComponentConfig
+
+
+class FedMMKTConfig(ComponentConfig):
+    samples_per_class: int = Field(30, ge=1, le=10_000, description="synthetic pairs per class per round")
+    transfer_candidates: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="hard-sample transfer: draw this many times samples_per_class images per class; the clients "
+        "score them all (the generator is fine-tuned on them all), and next round they distil on the "
+        "samples_per_class of each class that transfer_selection ranks hardest. 1: every image is distilled on",
+    )
+    transfer_selection: Literal["disagreement", "entropy"] = Field(
+        "disagreement",
+        description="with transfer_candidates > 1, which images of a class are hard: disagreement, where the "
+        "clients disagree (the Jensen-Shannon divergence of their softmax outputs: entropy of their mean minus "
+        "their mean entropy, as FedFTG and DENSE mine hard samples); entropy, where the federation's soft label "
+        "is least certain (on validation it picked images no client recognises, and the clients lost accuracy)",
+    )
+    kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
+    kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
+    logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
+    alignment_threshold: float = Field(0.5, ge=0, le=1, description="a_j at or above this counts as aligned")
+    base_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="transfer_policy 'fixed': share of each class's synthetic pairs drawn from the frozen base "
+        "generator (adapter off) for the clients' transfer set, the rest from the adapted generator; "
+        "'judged': the first round's share. The adapter is fine-tuned on both sources' images unless "
+        "fine_tune_on is base. 0 needs no generate_base",
+    )
+    transfer_policy: Literal["fixed", "judged"] = Field(
+        "fixed",
+        description="who draws each class's transfer images. fixed: base_fraction of them the frozen base, the "
+        "rest the adapter. judged: the clients judge the adapter's images against the base's every round (the "
+        "alignment a_j of each source's images of a class, from the same upload) and the next round's adapter "
+        "share of that class is sigmoid((a_adapter - a_base) / judge_temperature), kept within "
+        "[probe_fraction, 1 - probe_fraction] so both sources are judged every round (on-policy feedback). "
+        "Needs generate_base",
+    )
+    fine_tune_on: Literal["all", "base"] = Field(
+        "all",
+        description="which of the round's scored pairs the adapter is fine-tuned on: all (its own images "
+        "included, on-policy) or base (only the frozen base's images: the adapter never trains on its own "
+        "samples, while the clients still distil on them). base needs base images (base_fraction > 0 or judged)",
+    )
+    probe_fraction: float = Field(
+        0.2, ge=0, le=0.5, description="judged: least share of each class's images from either source"
+    )
+    judge_temperature: float = Field(
+        0.1, gt=0, description="judged: how sharply a difference in the clients' agreement moves the share"
+    )
+    replay_buffer: int = Field(
+        2000,
+        ge=0,
+        description="synthetic pairs of earlier rounds kept with the soft labels they got then: the generator is "
+        "fine-tuned on them again (a growing, diverse set keeps it from collapsing onto a few aligned samples); "
+        "the clients distil only on the last round's set, and the kept labels are not re-scored; "
+        "0 = only the last round's set",
+    )
+    client_targets: Literal["ensemble", "prompt", "agreed"] = Field(
+        "agreed",
+        description="what clients distil on the synthetic set: 'ensemble' the federation's soft labels q_j "
+        "(FedDF's target); 'prompt' mixes in the class c_j each image was generated for, on every image; "
+        "'agreed' mixes it in only where the federation agrees the image shows c_j (its top class is c_j) or "
+        "where no reporting client holds c_j (so the ensemble cannot know it): the server's knowledge of what "
+        "it asked for, trusted where nothing contradicts it",
+    )
+    prompt_weight: float = Field(
+        1.0, ge=0, le=1, description="β: a trusted image's target is (1-β)·q_j + β·onehot(c_j)"
+    )
+    evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
+    eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
+    grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
