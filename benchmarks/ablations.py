@@ -49,6 +49,20 @@ VARIANTS: dict[str, list[str]] = {
             ("base_fraction=0", ["algorithm.params.base_fraction=0.0"]),
         )
     },
+    # the loop's teaching attempts under the same selection: the adapter learns most from the pairs the clients
+    # recognise least surely; or it learns only from the base's half while the clients see both halves
+    "base_fraction=0,candidates=2,disagreement,weighting=uncertain": [
+        "algorithm.params.base_fraction=0.0",
+        "algorithm.params.transfer_candidates=2",
+        "algorithm.params.transfer_selection=disagreement",
+        'alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.5, "weighting": "uncertain"}}]',
+    ],
+    "base_fraction=0.5,fine_tune_on=base,candidates=2,disagreement": [
+        "algorithm.params.base_fraction=0.5",
+        "algorithm.params.fine_tune_on=base",
+        "algorithm.params.transfer_candidates=2",
+        "algorithm.params.transfer_selection=disagreement",
+    ],
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
     "ceiling-generator": ["algorithm.name=fedmmkt-ceiling-generator"],

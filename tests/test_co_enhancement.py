@@ -294,3 +294,21 @@ def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(t
     assert [row["transfer_images"] for row in rows] == [40, 40]
     assert sorted(set(sent)) == [(0, 120, 0), (1, 120, 40)]  # next round distils on the 40 chosen
     assert all(0 < row["transfer_entropy"] for row in rows)
+
+
+def test_weighted_denoising_weightings_by_hand():
+    """a = (0.9, 0.6, 0.4, 0.5): threshold 0.5 keeps the first, second and fourth; hard counts them once,
+    soft by a, uncertain by 1 - a (the surest pair counts least)."""
+    from fedmmkt_plugins.losses.weighted_denoising import WeightedDenoisingLoss
+
+    from fedmmkt_core.interfaces import AlignmentBatch
+
+    class_ids = np.array([0, 1, 0, 1])
+    alignment = np.array([0.9, 0.6, 0.4, 0.5])
+    soft = np.stack([alignment, 1 - alignment], axis=1)
+    soft[[1, 3]] = soft[[1, 3], ::-1]  # classes 1: a_j is the second column
+    batch = AlignmentBatch(np.zeros((4, 8, 8, 1), np.uint8), ["a", "b", "a", "b"], class_ids, soft, ["a", "b"])
+    expected = {"hard": [1, 1, 0, 1], "soft": [0.9, 0.6, 0, 0.5], "uncertain": [0.1, 0.4, 0, 0.5]}
+    for weighting, weights in expected.items():
+        loss = WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.5, weighting=weighting))
+        np.testing.assert_allclose(loss.weights(batch), weights, atol=1e-12)

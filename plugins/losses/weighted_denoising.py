@@ -22,8 +22,11 @@ class WeightedDenoisingConfig(ComponentConfig):
         description="threshold: keep pairs with a_j >= threshold; top_class: also require the prompt's class to "
         "be the clients' most likely class (with threshold 0, simply: the clients' top class is the prompt's)",
     )
-    weighting: Literal["hard", "soft"] = Field(
-        "hard", description="hard: every kept pair counts once; soft: kept pairs count by their alignment a_j"
+    weighting: Literal["hard", "soft", "uncertain"] = Field(
+        "hard",
+        description="hard: every kept pair counts once; soft: kept pairs count by their alignment a_j; "
+        "uncertain: by 1 - a_j, so the adapter learns most from the pairs the clients recognise least surely "
+        "(hard positives, which teach the clients more than the ones they already agree on)",
     )
 
 
@@ -39,7 +42,8 @@ class WeightedDenoisingLoss(AlignmentLoss):
         kept = alignment >= self.config.threshold
         if self.config.agreement == "top_class":
             kept &= np.argmax(batch.soft_labels, axis=1) == batch.class_ids
-        return np.where(kept, alignment if self.config.weighting == "soft" else 1.0, 0.0)
+        by_weighting = {"hard": np.ones_like(alignment), "soft": alignment, "uncertain": 1.0 - alignment}
+        return np.where(kept, by_weighting[self.config.weighting], 0.0)
 
     def active(self, batch: AlignmentBatch) -> np.ndarray:
         return self.weights(batch) > 0
