@@ -66,8 +66,18 @@ FINE_TUNE_FIELDS = (
 )  # fmt: skip
 
 
-TRANSFER_FIELDS = ("base_fraction", "transfer_policy")  # FedMMKT's settings of who draws the transfer set
-TRANSFER_ALGORITHMS = {"fedmmkt", "fedmmkt-no-feedback", "fedmmkt-frozen-generator"}  # whose transfer set they set
+# FedMMKT's settings of who draws the transfer set, which of it the clients distil on and what the adapter trains on
+TRANSFER_FIELDS = ("base_fraction", "transfer_policy", "transfer_candidates", "transfer_selection", "fine_tune_on")
+# FedDF's baselines distil on every image they draw (textbook), so they never take FedMMKT's hard-sample selection
+SELECTION_FIELDS = ("transfer_candidates", "transfer_selection")
+# whose transfer set which of those fields set: the ceiling generator draws every image itself, so only the
+# selection (its client side is FedMMKT's)
+TRANSFER_ALGORITHMS = {
+    "fedmmkt": TRANSFER_FIELDS,
+    "fedmmkt-no-feedback": TRANSFER_FIELDS,
+    "fedmmkt-frozen-generator": TRANSFER_FIELDS,
+    "fedmmkt-ceiling-generator": SELECTION_FIELDS,
+}
 
 
 def generator_training(recipe_path: Path) -> dict[str, Any]:
@@ -94,18 +104,19 @@ def run_transfer(run: dict[str, Any]) -> dict[str, Any] | None:
     measured before they were recorded); None for algorithms whose transfer set they do not set."""
     if run["algorithm"] not in TRANSFER_ALGORITHMS:
         return None
-    if "transfer" in run:
-        return run["transfer"]
+    fields = TRANSFER_ALGORITHMS[run["algorithm"]]
+    if "transfer" in run:  # runs recorded before a field existed ran its default
+        return transfer_settings(run["transfer"], fields)
     spec = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith("algorithm=")), None)
-    return transfer_settings(json.loads(spec).get("params", {}) if spec else {})
+    return transfer_settings(json.loads(spec).get("params", {}) if spec else {}, fields)
 
 
-def transfer_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """:data:`TRANSFER_FIELDS` of FedMMKT's parameters, its defaults filled in."""
+def transfer_settings(params: dict[str, Any], fields: tuple[str, ...] = TRANSFER_FIELDS) -> dict[str, Any]:
+    """``fields`` (:data:`TRANSFER_FIELDS`) of FedMMKT's parameters, its defaults filled in."""
     from fedmmkt_plugins.algorithms.fedmmkt import FedMMKTConfig
 
     defaults = FedMMKTConfig().model_dump()
-    return {k: params.get(k, defaults[k]) for k in TRANSFER_FIELDS}
+    return {k: params.get(k, defaults[k]) for k in fields}
 
 
 def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
@@ -114,7 +125,9 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
     if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
         differs = any(run.get(key, value) != value for key, value in current.items() if key != "transfer")
         transfer = run_transfer(run)
-        if differs or (transfer is not None and "transfer" in current and transfer != current["transfer"]):
+        fields = TRANSFER_ALGORITHMS.get(run["algorithm"], ())
+        ours = transfer_settings(current["transfer"], fields) if "transfer" in current else None
+        if differs or (transfer is not None and ours is not None and transfer != ours):
             return f"{run['algorithm']} {OTHER_GENERATOR}"
     return run["algorithm"]
 
@@ -149,7 +162,8 @@ def overrides_for(
 
     params = dict(load_recipe(recipe_path).algorithm.params) if algorithm in GENERATOR_ALGORITHMS else {}
     if algorithm in ("feddf", "feddf-sharpened", "centralized"):  # same transfer set, none of FedMMKT's targets
-        params = {k: v for k, v in params.items() if k not in ("client_targets", "prompt_weight")}
+        dropped = ("client_targets", "prompt_weight", *SELECTION_FIELDS)
+        params = {k: v for k, v in params.items() if k not in dropped}
     return [
         f"seed={seed}",
         f"federation.rounds={rounds}",

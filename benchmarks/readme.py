@@ -122,7 +122,7 @@ def margins(rows: list[dict[str, Any]]) -> str:
 
 def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
     """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
-    from .quality import label, run_transfer
+    from .quality import label, run_transfer, transfer_settings
 
     found = []
     for run in runs:
@@ -132,6 +132,8 @@ def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
         for part in ("pretrain", "fine_tune", "transfer"):
             theirs = (run_transfer(run) if part == "transfer" else run.get(part)) or {}
             ours = current.get(part) or {}
+            if part == "transfer" and ours:
+                ours = transfer_settings(ours, tuple(theirs))
             if part == "transfer" and not theirs:
                 continue
             prefix = "pretrain." if part == "pretrain" else ""
@@ -271,7 +273,9 @@ HARD_STUDY = (
     "4f1bd0c, before the rule had a name); `disagreement`, where the clients disagree most (Jensen-Shannon "
     "divergence of their outputs). `base_fraction=0` draws every image from the adapter, `frozen-generator` "
     "from the frozen base (the loop's control: same selection, same counts); `frozen-generator` alone distils "
-    "on every image it draws, as the recipe does (no selection).",
+    "on every image it draws, as the recipe does (no selection). `base_fraction=0.5,fine_tune_on=base` (measured "
+    "at commit 05dbe83) draws half of each class's candidates from the adapter and half from the base, selects "
+    "among all of them, and fine-tunes the adapter on the base's half only, so it never trains on its own samples.",
 )
 
 

@@ -1,5 +1,6 @@
 """The benchmark machinery: its arithmetic, its timer, and docs/results.md and README's headline being in sync."""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -107,6 +108,36 @@ def test_runs_with_another_transfer_set_are_labelled_even_when_measured_before_i
     ]
     assert len({quality.merge_key(r) for r in runs}) == 3
     assert readme.other_training(runs, current) == "`base_fraction=1.0`"
+
+
+def test_hard_sample_selection_labels_fedmmkts_runs_and_never_reaches_feddf(tmp_path):
+    recorded_before_selection = {"base_fraction": 0.5, "transfer_policy": "fixed"}  # ran candidates 1, fine_tune all
+    selecting = {**recorded_before_selection, "transfer_candidates": 2, "transfer_selection": "disagreement"}
+    current = {"pretrain": None, "fine_tune": None, "transfer": {**selecting, "fine_tune_on": "base"}}
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, "pretrain": None, "fine_tune": None}
+    runs = [
+        {**cell, "algorithm": "fedmmkt", "transfer": recorded_before_selection},
+        {**cell, "algorithm": "fedmmkt", "transfer": current["transfer"]},
+        {**cell, "algorithm": "fedmmkt-ceiling-generator", "transfer": {"base_fraction": 0.0}},  # before selection
+        {**cell, "algorithm": "fedmmkt-ceiling-generator", "transfer": selecting},  # base_fraction is not its own
+    ]
+    assert [quality.label(r, current) for r in runs] == [
+        "fedmmkt (another generator training)",
+        "fedmmkt",
+        "fedmmkt-ceiling-generator (another generator training)",
+        "fedmmkt-ceiling-generator",
+    ]
+    assert readme.other_training(runs[:2], current) == (
+        "`fine_tune_on=all, transfer_candidates=1`"  # disagreement is the default rule
+    )
+    smoke = (Path(__file__).resolve().parents[1] / "examples" / "smoke.yaml").read_text()
+    params = "params: {samples_per_class: 20, eval_samples_per_class: 10}"
+    assert params in smoke
+    recipe = tmp_path / "selecting.yaml"
+    recipe.write_text(smoke.replace(params, "params: {samples_per_class: 20, transfer_candidates: 2}"))
+    for algorithm, selects in (("fedmmkt", True), ("fedmmkt-frozen-generator", True), ("feddf", False)):
+        spec = quality.overrides_for("heterogeneous", 0.5, 0, algorithm, 2, recipe)[-2].split("=", 1)[1]
+        assert ("transfer_candidates" in json.loads(spec)["params"]) is selects, algorithm
 
 
 def test_fedavg_cells_only_for_one_architecture():
