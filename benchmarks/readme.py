@@ -177,10 +177,11 @@ def quality_section(
         lines += [f"* at commit {worker['commit']}: {worker['cells']} ({worker['note']})"]
     if data.get("workers"):
         lines.append("")
-    from .quality import OTHER_GENERATOR, generator_training, summarize
+    from .quality import OTHER_GENERATOR, generator_training, paired, summarize
 
     current = generator_training(Path(recipe))
     table = summarize(data["runs"], current)
+    comparisons_now = paired(data["runs"], current)  # the recipe's own runs only, so never a stale pair
     other = other_training(data["runs"], current)
     for client_set in ("heterogeneous", "homogeneous"):
         for alpha in sorted({row["alpha"] for row in table}):
@@ -208,7 +209,7 @@ def quality_section(
                 )
             if other and any(r["algorithm"].endswith(OTHER_GENERATOR) for r in rows):
                 lines += ["", f"*{OTHER_GENERATOR.strip('()')}*: measured with {other} (the recipe's settings then)."]
-            comparisons = [p for p in data.get("paired", []) if p["client_set"] == client_set and p["alpha"] == alpha]
+            comparisons = [p for p in comparisons_now if p["client_set"] == client_set and p["alpha"] == alpha]
             lines += ["", *(paired_table(comparisons) if comparisons else [margins(rows)]), ""]
     return lines
 
