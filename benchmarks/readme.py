@@ -289,13 +289,22 @@ def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] 
     from .ablations import summarize as summarize_ablations
 
     recipe = data["setting"]["recipe"]
-    current = baseline(Path(recipe))
+    # a study that chose a default stays readable after the recipe takes it: its runs are shown around the
+    # recipe's settings they were measured around, and the difference from today's recipe is said
+    now = baseline(Path(recipe))
+    current = data.get("baseline", now)
+    then = ""
+    if current != now:
+        changed = ", ".join(
+            f"{k}: {current.get(k)}" for k in sorted(set(current) | set(now)) if current.get(k) != now.get(k)
+        )
+        then = f"Measured around the recipe's settings then ({changed}; today's recipe differs there). "
     title, variants = study
     lines = [
         f"### {title} ({Path(recipe).stem}), on the validation split",
         "",
         f"`{data['command']}` (workers merged) → `benchmarks/results/{file}` ({machine_line(data)}). {variants} "
-        "Mean ± std over seeds; CAS and Fréchet distance with their start in brackets.",
+        f"{then}Mean ± std over seeds; CAS and Fréchet distance with their start in brackets.",
         "",
         "| variant | validation acc. mean | acc. min | generator CAS (start) | Fréchet (start) | seeds |",
         "| --- | --- | --- | --- | --- | --- |",
