@@ -274,9 +274,11 @@ HARD_STUDY = (
     "4f1bd0c, before the rule had a name); `disagreement`, where the clients disagree most (Jensen-Shannon "
     "divergence of their outputs). `base_fraction=0` draws every image from the adapter, `frozen-generator` "
     "from the frozen base (the loop's control: same selection, same counts); `frozen-generator` alone distils "
-    "on every image it draws, as the recipe does (no selection). `base_fraction=0.5,fine_tune_on=base` (measured "
-    "at commit 05dbe83) draws half of each class's candidates from the adapter and half from the base, selects "
-    "among all of them, and fine-tunes the adapter on the base's half only, so it never trains on its own samples.",
+    "on every image it draws, as the earlier recipe did (no selection). `base_fraction=0.5,fine_tune_on=base` "
+    "(measured at commit 05dbe83, as were the α = 0.1 rows and a rerun of "
+    "frozen-generator,candidates=2,disagreement's seed 0, which gave the same figure) draws half of each class's "
+    "candidates from the adapter and half from the base, selects among all of them, and fine-tunes the adapter on "
+    "the base's half only, so it never trains on its own samples.",
 )
 
 
@@ -309,6 +311,11 @@ def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] 
         "| variant | validation acc. mean | acc. min | generator CAS (start) | Fréchet (start) | seeds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    several_alphas = len({run["alpha"] for run in data["runs"]}) > 1
+
+    def at(row: dict[str, Any], name: str) -> str:
+        return f"α = {row['alpha']}: {name}" if several_alphas else name
+
     for row in summarize_ablations(data["runs"], current):
         cas = fid = "–"
         if "generator_cas" in row:
@@ -317,11 +324,11 @@ def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] 
             fid = f"{row['generator_fid']['mean']:.0f} ± {row['generator_fid']['std']:.0f} "
             fid += f"({row['generator_fid_initial']['mean']:.0f})"
         lines.append(
-            f"| {row['variant']} | {pm(row.get('client_accuracy_mean'))} | {pm(row.get('client_accuracy_min'))} | "
-            f"{cas} | {fid} | {len(row['seeds'])} |"
+            f"| {at(row, row['variant'])} | {pm(row.get('client_accuracy_mean'))} | "
+            f"{pm(row.get('client_accuracy_min'))} | {cas} | {fid} | {len(row['seeds'])} |"
         )
     comparisons = [
-        {**row, "metric": row["comparison"].split(":")[0]}
+        {**row, "comparison": at(row, row["comparison"]), "metric": row["comparison"].split(":")[0]}
         for row in paired_vs(data["runs"], data.get("reference", "fedmmkt"), current, data.get("pairs"))
     ]
     lines += ["", *paired_table(comparisons)]
