@@ -252,6 +252,7 @@ def paired(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) ->
                 if (c, a, algorithm) == (client_set, alpha, first)
                 and metric in run
                 and reference in by.get((c, a, second, seed), {})
+                and same_start(run, by[(c, a, second, seed)])
             )
             if seeds:
                 differences = [
@@ -261,6 +262,14 @@ def paired(runs: list[dict[str, Any]], current: dict[str, Any] | None = None) ->
                 out.append({"client_set": client_set, "alpha": alpha, "comparison": name, "metric": metric,
                             "seeds": seeds, **paired_interval(differences)})  # fmt: skip
     return out
+
+
+def same_start(run: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two runs of one seed started from the same pre-trained base and oracle, as far as their start
+    CAS tells (runs without a generator pass): a pair measured against another cached base or oracle (say a
+    cache rebuilt since) is not a paired comparison, so it is left out."""
+    first, second = run.get("generator_cas_initial"), other.get("generator_cas_initial")
+    return first is None or second is None or abs(first - second) < 1e-9
 
 
 def print_table(table: list[dict[str, Any]]) -> None:

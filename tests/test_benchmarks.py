@@ -210,6 +210,9 @@ def test_quality_rows_list_every_seed_and_paired_intervals_pair_seeds():
     assert loop["mean"] == pytest.approx(0.09) and loop["high"] - loop["mean"] == pytest.approx(half, rel=1e-3)
     start = comparisons["CAS: FedMMKT - its start"]
     assert start["seeds"] == [0, 1, 2] and start["per_seed"] == pytest.approx([0.2, 0.3, 0.1])
+    runs[3]["generator_cas_initial"] = 0.25  # seed 0's frozen run started from another base or oracle
+    loop = {p["comparison"]: p for p in quality.paired(runs)}["clients: FedMMKT - frozen generator (the loop)"]
+    assert loop["seeds"] == [1] and loop["per_seed"] == pytest.approx([0.08])
 
 
 def test_ablation_pairs_each_variant_with_the_reference_and_its_start_per_seed():
