@@ -124,10 +124,10 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
     ``current`` (from :func:`generator_training`)."""
     if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
         differs = any(run.get(key, value) != value for key, value in current.items() if key != "transfer")
-        transfer = run_transfer(run)
-        fields = TRANSFER_ALGORITHMS.get(run["algorithm"], ())
-        ours = transfer_settings(current["transfer"], fields) if "transfer" in current else None
-        if differs or (transfer is not None and ours is not None and transfer != ours):
+        transfer = run_transfer(run)  # None where the algorithm's transfer set is not FedMMKT's
+        if transfer is not None and "transfer" in current:
+            differs = differs or transfer != transfer_settings(current["transfer"], tuple(transfer))
+        if differs:
             return f"{run['algorithm']} {OTHER_GENERATOR}"
     return run["algorithm"]
 
