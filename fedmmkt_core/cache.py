@@ -22,6 +22,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,25 @@ log = logging.getLogger("fedmmkt")
 
 MANIFEST = "fedmmkt-cache.json"  # in a cached folder: {"files": {relative path: sha256}}
 TENSORS_KEY = "fedmmkt_tensors_sha256"  # in a cached safetensors file's metadata
+
+
+def build_conditions(device: str = "cpu") -> dict[str, Any]:
+    """What decides the bits of a model trained in this process, beyond its recipe, seed and data.
+
+    torch's kernels split their reductions by thread count and by the processor's instruction set (and
+    run other kernels on a GPU): 40 steps of the tiny generator's pre-training on 1 and on 2 threads
+    already give other weights. A cache key that hashes these is used only by a process that would
+    have built the same entry, so a recipe and seed give the same metrics with or without the cache.
+    """
+    import torch
+
+    conditions: dict[str, Any] = {"torch": str(torch.__version__), "device": device}
+    if device == "cpu":
+        conditions["threads"] = torch.get_num_threads()
+        conditions["cpu"] = torch.backends.cpu.get_cpu_capability()
+    else:
+        conditions["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return conditions
 
 
 class CacheWarning(UserWarning):

@@ -91,6 +91,23 @@ def test_pretrained_base_is_cached_by_config(tmp_path):
     np.testing.assert_array_equal(first.generate(prompts, [1, 2, 3]), second.generate(prompts, [1, 2, 3]))
 
 
+def test_a_base_built_under_other_conditions_is_not_reused(tmp_path, monkeypatch):
+    """The thread count changes the pre-trained weights, so it is in the cache key and the marker."""
+    import json
+
+    from fedmmkt_plugins.generators.sd_lora import PRETRAIN_MARKER
+    from fedmmkt_plugins.generators.sd_lora import generator as module
+
+    monkeypatch.setenv("FEDMMKT_CACHE", str(tmp_path / "own-cache"))
+    unique = {"pretrain": {"vae_steps": 3, "steps": 4}}
+    first, _ = built(**unique)
+    conditions = json.loads((first.base_path / PRETRAIN_MARKER).read_text())["built_with"]
+    assert conditions["threads"] == torch.get_num_threads() and conditions["device"] == "cpu"
+    monkeypatch.setattr(module, "build_conditions", lambda device: {**conditions, "threads": conditions["threads"] + 1})
+    other, _ = built(**unique)
+    assert not other.cache_hit and other.base_path != first.base_path
+
+
 def test_adapter_of_another_rank_is_rejected_with_the_file_name(tmp_path):
     generator, _ = built(lora={"rank": 4})
     generator.save_adapter(tmp_path / "rank4.safetensors")

@@ -30,6 +30,16 @@ def test_oracle_is_accurate_cached_and_scores_images(splits, tmp_path):
     assert real < fake
 
 
+def test_oracle_trained_under_other_conditions_is_not_reused(splits, tmp_path, monkeypatch):
+    from fedmmkt_plugins.evaluation import oracle as module
+
+    first = EvaluationOracle(splits.oracle, splits.task, tmp_path, seed=0, epochs=1)
+    conditions = module.build_conditions("cpu")
+    monkeypatch.setattr(module, "build_conditions", lambda device: {**conditions, "cpu": "another instruction set"})
+    other = EvaluationOracle(splits.oracle, splits.task, tmp_path, seed=0, epochs=1)
+    assert not other.from_cache and other.cache_path != first.cache_path
+
+
 def test_frechet_distance_by_hand():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 2))

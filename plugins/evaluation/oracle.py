@@ -16,7 +16,7 @@ import numpy as np
 from fedmmkt_plugins.clients.cnn import CNNClient, CNNConfig
 from fedmmkt_plugins.clients.torch_classifier import torch
 
-from fedmmkt_core.cache import load_sealed_tensors, save_sealed_tensors
+from fedmmkt_core.cache import build_conditions, load_sealed_tensors, save_sealed_tensors
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError
 
@@ -49,7 +49,11 @@ class EvaluationOracle:
         key = hashlib.sha256()
         key.update(oracle_split.images.tobytes())
         key.update(oracle_split.labels.tobytes())
-        key.update(json.dumps([ORACLE_VERSION, seed, config.model_dump(mode="json"), list(task.class_names)]).encode())
+        key.update(
+            json.dumps(
+                [ORACLE_VERSION, seed, config.model_dump(mode="json"), list(task.class_names), build_conditions("cpu")]
+            ).encode()
+        )
         self.cache_path = Path(cache_dir) / "oracles" / f"oracle-{key.hexdigest()[:20]}.safetensors"
         # The cached weights carry their sha256: an entry changed on disk is trained again (with a warning).
         cached = load_sealed_tensors(self.cache_path, "the cached evaluation oracle")

@@ -28,7 +28,7 @@ from fedmmkt_plugins.generators.sd_lora.pretrain import (
 )
 from fedmmkt_plugins.generators.sd_lora.text import split_words
 
-from fedmmkt_core.cache import seal_folder, usable_folder
+from fedmmkt_core.cache import build_conditions, seal_folder, usable_folder
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError, UserError
 from fedmmkt_core.interfaces import AlignmentBatch, DenoisingStep, Generator, Progress
@@ -125,11 +125,12 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
                 "data.dataset.params.image_size or generator.params.tiny"
             )
         captions = public.captions or [task.prompt(int(y)) for y in public.labels]
+        conditions = build_conditions("cpu")  # pre-training runs on the CPU
         key = hashlib.sha256()
         key.update(
             json.dumps(
                 [TINY_VERSION, seed, cfg.tiny.model_dump(mode="json"), cfg.pretrain.cache_fields()]
-                + [list(task.class_names), task.image_size, task.channels, task.caption_template]
+                + [list(task.class_names), task.image_size, task.channels, task.caption_template, conditions]
             ).encode()
         )
         key.update(public.images.tobytes())
@@ -150,7 +151,7 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
         pipe.save_pretrained(staging, safe_serialization=True)
-        (staging / PRETRAIN_MARKER).write_text(json.dumps({"latents": "mean"}) + "\n")
+        (staging / PRETRAIN_MARKER).write_text(json.dumps({"latents": "mean", "built_with": conditions}) + "\n")
         seal_folder(staging)  # every file's sha256, checked when the cache is loaded
         try:
             os.replace(staging, directory)
