@@ -125,7 +125,7 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
                 "data.dataset.params.image_size or generator.params.tiny"
             )
         captions = public.captions or [task.prompt(int(y)) for y in public.labels]
-        conditions = build_conditions("cpu")  # pre-training runs on the CPU
+        conditions = build_conditions(self.device.type)  # pre-training runs on the generator's device
         key = hashlib.sha256()
         key.update(
             json.dumps(
@@ -147,7 +147,7 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
             {w for text in [*captions, *(task.prompt(c) for c in range(task.num_classes))] for w in split_words(text)}
         )
         pipe = build_tiny_pipeline(cfg.tiny, task.channels, words, seed)
-        pretrain_tiny(pipe, public, captions, cfg.pretrain, seed, progress)
+        pretrain_tiny(pipe, public, captions, cfg.pretrain, seed, progress, self.device)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
         pipe.save_pretrained(staging, safe_serialization=True)

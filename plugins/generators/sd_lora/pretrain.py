@@ -38,11 +38,22 @@ def pretraining_latents(folder: Path) -> Literal["mean", "sample"]:
 
 
 def pretrain_tiny(
-    pipe: Any, public: ImageSet, captions: Sequence[str], cfg: PretrainConfig, seed: int, progress: Progress | None
+    pipe: Any,
+    public: ImageSet,
+    captions: Sequence[str],
+    cfg: PretrainConfig,
+    seed: int,
+    progress: Progress | None,
+    device: Any = "cpu",
 ) -> None:
-    """Train the tiny pipeline on the public split: the VAE first, then UNet and text encoder together."""
+    """Train the tiny pipeline on the public split: the VAE first, then UNet and text encoder together.
+
+    Trains on ``device`` in float32 and leaves the pipeline on the CPU. Every random draw comes from one
+    CPU generator, so the draws are the same on every device."""
     report = progress or (lambda task, done, total: None)
     g = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    pipe.to(device)
     pixels = pixels_to_tensor(public.images)
     n = len(pixels)
     vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
@@ -64,9 +75,10 @@ def pretrain_tiny(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     schedule = scheduled(optimizer, cfg.vae_steps)
     for step, idx in batches(cfg.vae_steps):
-        posterior = vae.encode(pixels[idx]).latent_dist
+        batch = pixels[idx].to(device)
+        posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = torch.nn.functional.mse_loss(recon, pixels[idx]) + 1e-4 * posterior.kl().mean()
+        loss = torch.nn.functional.mse_loss(recon, batch) + 1e-4 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -75,7 +87,7 @@ def pretrain_tiny(
             report("pretrain generator: VAE", step + 1, cfg.vae_steps)
     vae.eval()
     with torch.no_grad():
-        means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
+        means = torch.cat([vae.encode(pixels[i : i + 256].to(device)).latent_dist.mean for i in range(0, n, 256)])
     scaling = float(1.0 / means.std().clamp_min(1e-6))
     vae.register_to_config(scaling_factor=scaling)
     latents = means * scaling
@@ -84,7 +96,7 @@ def pretrain_tiny(
     text = [*captions, ""]
     ids = tokenizer(
         text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    ).input_ids.to(device)
     empty = len(captions)
     scheduler = pipe.scheduler
     alphas = scheduler.alphas_cumprod
@@ -100,17 +112,18 @@ def pretrain_tiny(
     for step, idx in batches(cfg.steps):
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
         caption_idx = torch.where(drop, torch.full_like(idx, empty), idx)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=g)
+        caption_idx = caption_idx.to(device)
+        x0 = latents[idx.to(device)]
+        noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
+        a = alphas[t].view(-1, 1, 1, 1).to(device)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         states = text_encoder(ids[caption_idx])[0] if train_text else frozen_states[caption_idx]
-        prediction = unet(noisy, t, encoder_hidden_states=states).sample
+        prediction = unet(noisy, t.to(device), encoder_hidden_states=states).sample
         if cfg.snr_gamma is None:
             loss = torch.nn.functional.mse_loss(prediction, noise)
         else:
-            weight = min_snr_weight(alphas[t], cfg.snr_gamma)
+            weight = min_snr_weight(alphas[t], cfg.snr_gamma).to(device)
             loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,6 +134,7 @@ def pretrain_tiny(
             report("pretrain generator: UNet", step + 1, cfg.steps)
     unet.eval()
     text_encoder.eval()
+    pipe.to("cpu")
 
 
 def min_snr_weight(alpha_bar: Any, gamma: float, velocity: bool = False) -> Any:
