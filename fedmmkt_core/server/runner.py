@@ -7,7 +7,6 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
 from hashlib import sha256 as _sha256
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from fedmmkt_core.rundir import (
 from fedmmkt_core.seeding import seed_everything
 from fedmmkt_core.server.context import EventSink, RoundFailed, ServerContext
 from fedmmkt_core.server.failures import crash_message, tracking_phases
+from fedmmkt_core.server.progress import progress_events
 from fedmmkt_core.server.summary import run_summary
 
 log = logging.getLogger("fedmmkt")
@@ -320,7 +320,7 @@ class Runner:
                 seed=ctx.seed_for("generator"),
                 cache_dir=cache_dir(),
                 public=data.public,
-                progress=self._progress_events(),
+                progress=progress_events(self.events),
             )
             ctx.generator = generator  # type: ignore[assignment]
         ctx.alignment_losses = [(recipe.build("alignment_loss", s), s.weight) for s in recipe.alignment_losses]  # type: ignore[misc]
@@ -377,20 +377,6 @@ class Runner:
                 self.logger_failures.append({"logger": path, "name": name, "in": method, "reason": reason})
                 log.warning("logger '%s' (%s) failed in %s and is switched off: %s", name, path, method, reason)
                 self.events("logger_failure", logger=name, path=path, method=method, reason=reason)
-
-    def _progress_events(self) -> Callable[[str, int, int], None]:
-        """Turn ``progress(task, completed, total)`` calls into the phase events progress bars follow."""
-        seen: dict[str, int] = {}
-
-        def progress(task: str, completed: int, total: int) -> None:
-            if task not in seen:
-                seen[task] = 0
-                self.events("phase_start", name=task, total=total)
-            if completed > seen[task]:
-                self.events("phase_advance", name=task, advance=completed - seen[task])
-                seen[task] = completed
-
-        return progress
 
     def _round(self, ctx: ServerContext, algorithm: Algorithm, round_index: int) -> dict[str, Any]:
         start = time.perf_counter()
