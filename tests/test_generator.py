@@ -425,3 +425,32 @@ def test_a_multi_level_vae_gives_smaller_latents_and_images_at_the_task_size():
         )
     with pytest.raises(ValueError, match="at least 8"):
         TinyPipelineConfig(vae_channels=(8, 4))
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(caplog):
+    """A half-precision overflow (here: a loss that is inf on the first step) must not reach the LoRA."""
+    public, task = tiny_generator_task()
+    batch = alignment_pool(task, public)
+    generator = make(fine_tune_steps=3, fine_tune_epochs=None, batch_size=8)
+    generator.build(task, seed=0, cache_dir=cache(), public=public)
+    inner = WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.0))
+    calls = []
+
+    class OverflowOnce(WeightedDenoisingLoss):
+        registered_name = "weighted-denoising"
+
+        def compute(self, generator, batch, seed):
+            value = inner.compute(generator, batch, seed)
+            calls.append(seed)
+            return value * float("inf") if len(calls) == 1 else value
+
+    before = {k: v.clone() for k, v in generator.adapter_state().items()}
+    with caplog.at_level("WARNING", logger="fedmmkt"):
+        metrics = generator.fine_tune(batch, [(OverflowOnce(inner.config), 1.0)], seed=3)
+    assert len(calls) == 3
+    assert metrics["generator_steps"] == 2.0 and metrics["generator_skipped_steps"] == 1.0
+    assert np.isfinite(metrics["loss_weighted-denoising"])
+    after = generator.adapter_state()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the two finite steps trained
+    assert "1 of 3 steps skipped" in caplog.text

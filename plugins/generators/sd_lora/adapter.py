@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -121,7 +122,7 @@ class LoraAdapterMixin:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         rng = np.random.default_rng(seed)
         totals: dict[str, float] = {}
-        done = 0
+        done = skipped = 0
         steps = cfg.fine_tune_steps
         if cfg.fine_tune_epochs is not None:
             steps = min(steps, max(1, int(np.ceil(cfg.fine_tune_epochs * len(pool) / cfg.batch_size))))
@@ -133,19 +134,25 @@ class LoraAdapterMixin:
                 size = min(cfg.batch_size, len(pool))
                 mini = batch.subset(np.sort(rng.choice(pool, size=size, replace=False)))
                 step_seed = derive_seed(seed, "step", step)
-                total = None
+                total, values = None, {}
                 for loss, weight in active_losses:
                     value = loss.compute(self, mini, step_seed)
                     if value is None:
                         continue
-                    name = f"loss_{loss.registered_name or type(loss).__name__}"
-                    totals[name] = totals.get(name, 0.0) + float(value.detach())
+                    values[f"loss_{loss.registered_name or type(loss).__name__}"] = float(value.detach())
                     total = weight * value if total is None else total + weight * value
                 if total is None:
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                finite = math.isfinite(float(total.detach()))
+                if finite:
+                    total.backward()
+                    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))
+                if not finite:  # a half-precision overflow: skip the step, as a gradient scaler would
+                    skipped += 1
+                    continue
+                for name, value in values.items():
+                    totals[name] = totals.get(name, 0.0) + value
                 optimizer.step()
                 done += 1
         finally:
@@ -154,6 +161,9 @@ class LoraAdapterMixin:
             self._posteriors = None
         metrics = {k: v / max(done, 1) for k, v in totals.items()}
         metrics.update({"generator_steps": float(done), "generator_pool": float(len(pool))})
+        if skipped:
+            log.warning("generator fine-tuning: %d of %d steps skipped (a non-finite loss or gradient)", skipped, steps)
+            metrics["generator_skipped_steps"] = float(skipped)
         return metrics
 
     def _encode_once(self, images: np.ndarray) -> LatentCache:
