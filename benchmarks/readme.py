@@ -282,6 +282,16 @@ HARD_STUDY = (
 )
 
 
+HARD_REPLICA = (
+    "Hard-sample transfer, replicated on other pre-trained bases",
+    "Validation split and the selection oracle. The demo recipe's arm (`base_fraction=0.5,fine_tune_on=base,"
+    "candidates=2,disagreement`) against the frozen arm under the same selection, as in the study above, at "
+    "commit 7e72ed7 on the bases a one-thread process pre-trains (the cache key now records the thread count; "
+    "the study above ran on bases a two-thread process had pre-trained, from the same code and seeds). The "
+    "seeds' splits, partitions and clients are the same as above; only the pre-trained base and oracle differ.",
+)
+
+
 def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] = LOOP_STUDY) -> list[str]:
     """A validation study of the loop (``study``: title and what its variants are): each variant's figures
     and its paired differences, every seed listed."""
@@ -583,6 +593,7 @@ def render() -> str:
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
         *loop_section(load("hard-digits.json"), "hard-digits.json", HARD_STUDY),
+        *loop_section(load("hard-digits-replica.json"), "hard-digits-replica.json", HARD_REPLICA),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
