@@ -144,7 +144,7 @@ class LoraAdapterMixin:
                 if total is None:
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                finite = math.isfinite(float(total.detach()))
+                finite = all(math.isfinite(v) for v in values.values())  # read above: no second device sync
                 if finite:
                     total.backward()
                     finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)))

@@ -111,8 +111,7 @@ def pretrain_tiny(
     schedule = scheduled(optimizer, cfg.steps)
     for step, idx in batches(cfg.steps):
         drop = torch.rand(len(idx), generator=g) < cfg.caption_dropout
-        caption_idx = torch.where(drop, torch.full_like(idx, empty), idx)
-        caption_idx = caption_idx.to(device)
+        caption_idx = torch.where(drop, torch.full_like(idx, empty), idx).to(device)
         x0 = latents[idx.to(device)]
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=g)
