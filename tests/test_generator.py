@@ -454,3 +454,10 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(caplog):
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the two finite steps trained
     assert "1 of 3 steps skipped" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_cuda_device_is_a_clear_error():
+    public, task = tiny_generator_task()
+    with pytest.raises(UserError, match=r"generator.params.device: cuda, but torch sees no CUDA device"):
+        make(device="cuda").build(task, seed=0, cache_dir=cache(), public=public)

@@ -57,6 +57,8 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
         self.task = task
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        elif cfg.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("generator.params.device: cuda, but torch sees no CUDA device here; use auto or cpu")
         else:
             self.device = torch.device(cfg.device)
         self.dtype = getattr(torch, cfg.dtype)
