@@ -63,6 +63,15 @@ VARIANTS: dict[str, list[str]] = {
         "algorithm.params.transfer_candidates=2",
         "algorithm.params.transfer_selection=disagreement",
     ],
+    # a loss whose gradient carries the clients' knowledge: a student distilled on their soft labels scores the
+    # adapter's x̂₀ against the prompt's class (beside the recipe's weighted denoising, at this weight)
+    **{
+        f"+ensemble-ce={weight}": [
+            'alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.5}}, '
+            f'{{"name": "ensemble-ce", "weight": {weight}}}]'
+        ]
+        for weight in (0.01, 0.1, 1.0)
+    },
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
     "ceiling-generator": ["algorithm.name=fedmmkt-ceiling-generator"],
