@@ -80,6 +80,26 @@ TRANSFER_ALGORITHMS = {
 }
 
 
+# the algorithms whose generator is fine-tuned with the recipe's alignment losses (the frozen generator and the
+# FedDF baselines never fine-tune it, so those losses cannot change their figures)
+ALIGNMENT_ALGORITHMS = {"fedmmkt", "fedmmkt-no-feedback", "fedmmkt-ceiling-generator", "centralized"}
+# what every run measured before the losses were recorded fine-tuned with: every digits and Fashion recipe's
+EARLIER_ALIGNMENT = [{"name": "weighted-denoising", "weight": 1.0, "params": {"threshold": 0.5}}]
+
+
+def alignment_settings(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alignment-loss specs (``name``, ``weight``, ``params``) with each loss's defaults filled in."""
+    from fedmmkt_core.plugins import get_registry
+
+    registry = get_registry()
+    filled = []
+    for spec in specs:
+        config = registry.get("alignment_loss", spec["name"]).cls.Config(**spec.get("params", {}))
+        params = config.model_dump(mode="json")
+        filled.append({"name": spec["name"], "weight": spec.get("weight", 1.0), "params": params})
+    return filled
+
+
 def generator_training(recipe_path: Path) -> dict[str, Any]:
     """How the recipe trains its generator, defaults filled in: ``pretrain`` (the base's pre-training),
     ``fine_tune`` (the LoRA fine-tuning settings), each ``None`` where the generator has none, and
@@ -92,11 +112,20 @@ def generator_training(recipe_path: Path) -> dict[str, Any]:
     # IDX files) need not exist where the docs are rendered: a stand-in dataset keeps validation from reading it
     recipe = load_recipe(recipe_path, ["data.dataset={name: digits}"])
     transfer = transfer_settings(recipe.algorithm.params)
+    alignment = alignment_settings([spec.model_dump(mode="json") for spec in recipe.alignment_losses])
     if recipe.generator is None:
-        return {"pretrain": None, "fine_tune": None, "transfer": transfer}
+        return {"pretrain": None, "fine_tune": None, "transfer": transfer, "alignment": alignment}
     dumped = recipe.build("generator", recipe.generator).config.model_dump(mode="json")
     fine_tune = {k: dumped[k] for k in FINE_TUNE_FIELDS if k in dumped} or None
-    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune, "transfer": transfer}
+    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune, "transfer": transfer, "alignment": alignment}
+
+
+def run_alignment(run: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The alignment losses a run fine-tuned its generator with (recorded, else the earlier recipes'); None for
+    algorithms that never fine-tune it."""
+    if run["algorithm"] not in ALIGNMENT_ALGORITHMS:
+        return None
+    return run["alignment"] if "alignment" in run else alignment_settings(EARLIER_ALIGNMENT)
 
 
 def run_transfer(run: dict[str, Any]) -> dict[str, Any] | None:
@@ -123,10 +152,14 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
     """A run's algorithm, marked when it trained the generator or drew its transfer set otherwise than
     ``current`` (from :func:`generator_training`)."""
     if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
-        differs = any(run.get(key, value) != value for key, value in current.items() if key != "transfer")
+        own = ("transfer", "alignment")
+        differs = any(run.get(key, value) != value for key, value in current.items() if key not in own)
         transfer = run_transfer(run)  # None where the algorithm's transfer set is not FedMMKT's
         if transfer is not None and "transfer" in current:
             differs = differs or transfer != transfer_settings(current["transfer"], tuple(transfer))
+        alignment = run_alignment(run)  # None where the algorithm never fine-tunes the generator
+        if alignment is not None and "alignment" in current:
+            differs = differs or alignment != current["alignment"]
         if differs:
             return f"{run['algorithm']} {OTHER_GENERATOR}"
     return run["algorithm"]
@@ -134,7 +167,7 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
 
 def merge_key(run: dict[str, Any]) -> tuple:
     """A run's cell, generator training and transfer set: one run per key survives a merge of result files."""
-    training = json.dumps([run.get("pretrain"), run.get("fine_tune"), run_transfer(run)])
+    training = json.dumps([run.get("pretrain"), run.get("fine_tune"), run_transfer(run), run_alignment(run)])
     return run["client_set"], run["alpha"], run["seed"], run["algorithm"], training
 
 
@@ -218,7 +251,8 @@ def summarize(runs: list[dict[str, Any]], current: dict[str, Any] | None = None)
 
     def position(key: tuple) -> tuple:
         algorithm, _, other = key[2].partition(" ")
-        return (key[0], key[1], bool(other), key[3], order.get(algorithm, 99))
+        training = json.dumps(json.loads(key[3])[:3]) if key[3] else ""  # rows ordered as before losses were kept
+        return (key[0], key[1], bool(other), training, order.get(algorithm, 99))
 
     table = []
     for (client_set, alpha, algorithm, _), members in sorted(groups.items(), key=lambda kv: position(kv[0])):

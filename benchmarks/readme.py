@@ -122,7 +122,7 @@ def margins(rows: list[dict[str, Any]]) -> str:
 
 def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
     """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
-    from .quality import label, run_transfer, transfer_settings
+    from .quality import label, run_alignment, run_transfer, transfer_settings
 
     found = []
     for run in runs:
@@ -140,6 +140,9 @@ def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
             changes += [
                 f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)
             ]
+        alignment = run_alignment(run)
+        if alignment is not None and alignment != current.get("alignment", alignment):
+            changes.append("alignment_losses=" + " + ".join(f"{spec['weight']:g}·{spec['name']}" for spec in alignment))
         text = ", ".join(changes)
         if changes and text not in found:
             found.append(text)

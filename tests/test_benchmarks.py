@@ -110,6 +110,33 @@ def test_runs_with_another_transfer_set_are_labelled_even_when_measured_before_i
     assert readme.other_training(runs, current) == "`base_fraction=1.0`"
 
 
+def test_runs_fine_tuned_with_other_alignment_losses_are_labelled_where_the_losses_reach_them():
+    recipe_losses = [
+        {"name": "weighted-denoising", "params": {"threshold": 0.5}},
+        {"name": "ensemble-ce", "weight": 0.1},
+    ]
+    training = {"pretrain": None, "fine_tune": None, "transfer": quality.transfer_settings({})}
+    current = {**training, "alignment": quality.alignment_settings(recipe_losses)}
+    assert current["alignment"][1]["params"]["student_epochs"] == 15  # defaults filled in
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, **training}
+    runs = [
+        {**cell, "algorithm": "fedmmkt"},  # recorded before the losses were: weighted denoising alone
+        {**cell, "algorithm": "fedmmkt", "alignment": current["alignment"]},
+        {**cell, "algorithm": "fedmmkt-no-feedback"},
+        {**cell, "algorithm": "fedmmkt-frozen-generator"},  # never fine-tunes: the losses cannot reach it
+        {**cell, "algorithm": "feddf-sharpened"},
+    ]
+    assert [quality.label(r, current) for r in runs] == [
+        "fedmmkt (another generator training)",
+        "fedmmkt",
+        "fedmmkt-no-feedback (another generator training)",
+        "fedmmkt-frozen-generator",
+        "feddf-sharpened",
+    ]
+    assert len({quality.merge_key(r) for r in runs[:2]}) == 2
+    assert readme.other_training(runs[:2], current) == "`alignment_losses=1·weighted-denoising`"
+
+
 def test_hard_sample_selection_labels_fedmmkts_runs_and_never_reaches_feddf(tmp_path):
     recorded_before_selection = {"base_fraction": 0.5, "transfer_policy": "fixed"}  # ran candidates 1, fine_tune all
     selecting = {**recorded_before_selection, "transfer_candidates": 2, "transfer_selection": "disagreement"}
