@@ -11,6 +11,7 @@ over seeds of the last round's client mean accuracy, client min accuracy and gen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -125,7 +126,13 @@ def run_alignment(run: dict[str, Any]) -> list[dict[str, Any]] | None:
     algorithms that never fine-tune it."""
     if run["algorithm"] not in ALIGNMENT_ALGORITHMS:
         return None
-    return run["alignment"] if "alignment" in run else alignment_settings(EARLIER_ALIGNMENT)
+    return run["alignment"] if "alignment" in run else earlier_alignment()
+
+
+@functools.cache
+def earlier_alignment() -> list[dict[str, Any]]:
+    """:data:`EARLIER_ALIGNMENT` with its defaults filled in, built once (every unrecorded run reads it)."""
+    return alignment_settings(EARLIER_ALIGNMENT)
 
 
 def run_transfer(run: dict[str, Any]) -> dict[str, Any] | None:
