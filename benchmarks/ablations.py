@@ -72,6 +72,13 @@ VARIANTS: dict[str, list[str]] = {
         ]
         for weight in (0.01, 0.1, 1.0)
     },
+    # the demo's cost (issue 25): one candidate per transfer image halves synthesis (no selection), and half the
+    # fine-tuning steps halves the generator update
+    "candidates=1": ["algorithm.params.transfer_candidates=1"],
+    "candidates=1,fine_tune_steps=75": [
+        "algorithm.params.transfer_candidates=1",
+        "generator.params.fine_tune_steps=75",
+    ],
     "no-feedback": ["algorithm.name=fedmmkt-no-feedback"],
     "fine_tune_snr_gamma=null": ["generator.params.fine_tune_snr_gamma=null"],
     "ceiling-generator": ["algorithm.name=fedmmkt-ceiling-generator"],
