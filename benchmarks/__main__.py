@@ -17,13 +17,14 @@ BENCHMARKS = {
     "cost": "benchmarks.cost",
     "scale": "benchmarks.scale",
     "profile": "benchmarks.profile",
+    "allocator": "benchmarks.allocator",
     "flower": "benchmarks.flower",
     "sd-shaped": "benchmarks.sd_shaped",
     "pretrain": "benchmarks.pretrain",
     "self-finetune": "benchmarks.self_finetune",
     "readme": "benchmarks.readme",
 }
-ALL = ["cost", "profile", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours
+ALL = ["cost", "profile", "allocator", "scale", "flower", "quality", "readme"]  # quickest first; quality takes hours
 
 
 def main(argv: list[str]) -> None:

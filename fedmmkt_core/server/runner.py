@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmmkt_core.allocator import keep_freed_memory
 from fedmmkt_core.cache import cache_dir
 from fedmmkt_core.errors import PluginOutputError, UserError
 from fedmmkt_core.faults import crash_point
@@ -196,6 +197,7 @@ class Runner:
         return completed
 
     def run(self) -> dict[str, Any]:
+        keep_freed_memory()
         backend = self.backend if self.backend is not None else self.recipe.build("backend", self.recipe.backend)
         assert isinstance(backend, Backend)
         if not self.resume:  # before a launcher writes into it
