@@ -541,6 +541,35 @@ def profile_section(profile: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def allocator_section(data: dict[str, Any] | None) -> list[str]:
+    lines = ["### Memory reuse in the run's process", ""]
+    if data is None:
+        return [*lines, "Not measured yet: `python -m benchmarks allocator`.", ""]
+    tuned, untuned = data["summary"]["tuned"], data["summary"]["untuned"]
+    phases = [p for p in tuned["phase_seconds_median"] if p != "aggregate"]
+    lines += [
+        f"`{data['command']}` → `benchmarks/results/allocator-digits.json` ({machine_line(data)}). "
+        f"{data['rounds']} rounds of the demo through `fedmmkt run` in fresh processes (generator and oracle "
+        "from the cache), alternating glibc's default malloc thresholds (`FEDMMKT_MALLOC_TUNING=0`) with "
+        "the run's own (`fedmmkt_core/allocator.py`: freed memory is kept for reuse instead of being "
+        "returned to the system and faulted in again). Median (min–max) over repeats.",
+        "",
+        "| malloc | rounds' wall time | minor page faults | system CPU | peak memory | " + " | ".join(phases) + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in phases) + " |",
+        *[
+            f"| {name} | {mmm(s['rounds_seconds'], '{:.1f}')} s | {mmm(s['minor_page_faults'], '{:,.0f}')} | "
+            f"{mmm(s['system_seconds'], '{:.1f}')} s | {mmm(s['peak_rss_mib'], '{:.0f}')} MiB | "
+            + " | ".join(f"{s['phase_seconds_median'][p]:.1f} s" for p in phases)
+            + " |"
+            for name, s in (("run's thresholds", tuned), ("glibc's defaults", untuned))
+        ],
+        "",
+        f"Metrics identical bit for bit between the two: **{data['metrics_identical']}**.",
+        "",
+    ]
+    return lines
+
+
 def flower_section(flower: dict[str, Any] | None) -> list[str]:
     lines = ["### Flower backend", ""]
     if flower is None:
@@ -614,6 +643,7 @@ def render() -> str:
         *cost_section(cost, load("quality-digits-prefix.json")),
         *scale_section(load("scale-digits.json")),
         *profile_section(load("profile-digits.json")),
+        *allocator_section(load("allocator-digits.json")),
         *flower_section(load("flower-digits.json")),
         END,
     ]

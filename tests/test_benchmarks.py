@@ -268,3 +268,20 @@ def test_ablation_pairs_each_variant_with_the_reference_and_its_start_per_seed()
     twin = rows["client_accuracy_mean: transfer=judged - judged-twin"]
     assert twin["seeds"] == [0, 1, 2] and twin["per_seed"] == pytest.approx([0.01, 0.01, 0.01])
     assert "client_accuracy_mean: judged-twin - transfer=judged" not in rows
+
+
+def test_allocator_section_shows_both_settings_and_whether_the_metrics_agree():
+    def setting(seconds, faults):
+        return {"rounds_seconds": spread([seconds, seconds + 2]), "minor_page_faults": spread([faults, faults]),
+                "system_seconds": spread([1.0, 2.0]), "peak_rss_mib": spread([900.0, 910.0]),
+                "phase_seconds_median": {"synthesize": seconds / 2, "aggregate": 0.0}}  # fmt: skip
+
+    summary = {"tuned": setting(77.0, 2e5), "untuned": setting(84.0, 7.7e6)}
+    data = {"command": "python -m benchmarks allocator", "rounds": 3, "machine": {"cpus": 2, "torch_threads": 2},
+            "metrics_identical": True, "summary": summary}  # fmt: skip
+    text = "\n".join(readme.allocator_section(data))
+    assert "| run's thresholds | 78.0 (77.0–79.0) s | 200,000 (200,000–200,000) |" in text
+    assert "| glibc's defaults | 85.0 (84.0–86.0) s | 7,700,000" in text
+    assert "synthesize" in text and "aggregate" not in text.split("| malloc |")[1].split("\n")[0]
+    assert "**True**" in text
+    assert readme.allocator_section(None)[-2] == "Not measured yet: `python -m benchmarks allocator`."
