@@ -306,6 +306,17 @@ ENSEMBLE_CE_STUDY = (
 )
 
 
+DEMO_COST_STUDY = (
+    "What the demo's two cost cuts would cost",
+    "Validation split and the selection oracle. The demo recipe's arm against the two cuts that would bring "
+    "the demo from a fresh clone near five minutes on 2 cores (issue 25): `candidates=1` draws each transfer "
+    "image once (half the synthesis, no disagreement selection; the adapter's fine-tuning pool halves with "
+    "it), and `candidates=1,fine_tune_steps=75` also halves the generator's steps per round. Measured at "
+    "commit f3f0bfe on the same one-thread bases, seeds, splits and clients as the replication above, whose "
+    "two arms are merged in (the recipe's seed-0 run, repeated at f3f0bfe, gave the same figures bit for bit).",
+)
+
+
 def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] = LOOP_STUDY) -> list[str]:
     """A validation study of the loop (``study``: title and what its variants are): each variant's figures
     and its paired differences, every seed listed."""
@@ -638,6 +649,7 @@ def render() -> str:
         *loop_section(load("hard-digits.json"), "hard-digits.json", HARD_STUDY),
         *loop_section(load("hard-digits-replica.json"), "hard-digits-replica.json", HARD_REPLICA),
         *loop_section(load("ensemble-ce-digits.json"), "ensemble-ce-digits.json", ENSEMBLE_CE_STUDY),
+        *loop_section(load("demo-cost-digits.json"), "demo-cost-digits.json", DEMO_COST_STUDY),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
