@@ -3,10 +3,10 @@
 glibc hands an allocation above its mmap threshold (128 KiB, growing to at most 32 MiB) a fresh mapping,
 and gives the top of the heap back to the system once more than twice that threshold lies free. A round
 of the digits demo allocates and frees the same few-MiB activations thousands of times, so every reuse
-faults its pages in and the kernel zeroes them: 7.7 million minor page faults and 20 s of system time
-in three rounds (2 cores). With the thresholds below the freed memory is reused instead: 0.2 million
-faults, synthesis 12.0 → 10.3 s a round, peak memory about 4 % higher. The allocator never changes a
-computed value, so every metric stays the same bit for bit (``python -m benchmarks profile`` measures it).
+faulted its pages in again and the kernel zeroed them: millions of minor page faults a round. With the
+thresholds below freed memory is reused instead, for a few percent more peak memory. The allocator never
+changes a computed value, so every metric stays the same bit for bit. ``python -m benchmarks allocator``
+measures both (docs/results.md, "Memory reuse in the run's process").
 """
 
 from __future__ import annotations
