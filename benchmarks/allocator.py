@@ -30,8 +30,9 @@ SETTINGS = {"tuned": {}, "untuned": {"FEDMMKT_MALLOC_TUNING": "0"}}
 def run_once(rounds: int, out: Path, extra_env: dict[str, str]) -> dict[str, Any]:
     """One ``fedmmkt run`` in a fresh process: its rows (metrics.jsonl) and its resource usage."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env.pop("FEDMMKT_MALLOC_TUNING", None)
+    from fedmmkt_core.allocator import default_environment
+
+    env = default_environment(os.environ)
     env.update(extra_env, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "fedmmkt_cli.main", "run", str(RECIPE), "--out", str(out),
                "--set", f"federation.rounds={rounds}", "--set", "loggers=[]"]  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Mapping
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -51,3 +52,13 @@ def keep_freed_memory() -> bool:
     ok = all(mallopt(param, value) == 1 for param, value in settings)
     _done[0] = ok
     return ok
+
+
+def default_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without any malloc setting (``MALLOC_*``, ``GLIBC_TUNABLES``) or ``FEDMMKT_MALLOC_TUNING``:
+    a process started with it has glibc's defaults until a run sets its own (what tests and benchmarks start)."""
+    return {
+        key: value
+        for key, value in environ.items()
+        if not key.startswith("MALLOC_") and key not in ("GLIBC_TUNABLES", "FEDMMKT_MALLOC_TUNING")
+    }

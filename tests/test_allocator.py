@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmmkt_core.allocator import default_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # In a fresh process: optionally tune, then hold and free one 16 MiB block and report what glibc did with it.
@@ -52,8 +54,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _probe(mode: str, **environment: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env.pop("FEDMMKT_MALLOC_TUNING", None)
+    env = default_environment(os.environ)
     env.update(environment, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -97,8 +98,7 @@ def test_a_run_tunes_its_process(tmp_path):
         "run_tiny_recipe(Path(sys.argv[1]), {'federation.rounds': 1})\n"
         "print(json.dumps(allocator._done))\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    env.pop("FEDMMKT_MALLOC_TUNING", None)
+    env = default_environment(os.environ)
     env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300
