@@ -92,6 +92,13 @@ VARIANTS: dict[str, list[str]] = {
     # after the latent fix (issue 22): the adapter reaches the clients' domain only by the last rounds, so a
     # faster adapter (a higher rate, or twice the steps per round) would give them in-domain images sooner
     "generator_lr=3e-3": ["generator.params.lr=0.003"],
+    # hard samples the federation reads as their prompt's class ranked first: the images whose agreed one-hot
+    # target teaches the clients that do not yet see it (the adapter's images are agreed more often than the base's)
+    "selection=agreed-disagreement": ["algorithm.params.transfer_selection=agreed-disagreement"],
+    "frozen-generator,selection=agreed-disagreement": [
+        "algorithm.name=fedmmkt-frozen-generator",
+        "algorithm.params.transfer_selection=agreed-disagreement",
+    ],
     "fine_tune_steps=300": ["generator.params.fine_tune_steps=300"],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],

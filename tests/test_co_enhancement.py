@@ -275,6 +275,23 @@ def test_disagreement_selection_keeps_the_images_the_clients_disagree_on_not_the
     assert algorithm.select_transfer(soft, np.array([0, 0, 1, 1]), replies).tolist() == [0, 3]
 
 
+def test_agreed_disagreement_selection_ranks_what_the_federation_reads_as_the_prompt_first():
+    big = np.log(9.0)
+    first = np.array([[big, 0], [0, 0], [big, 0], [0, big], [0, big], [0, 0]], np.float32)
+    second = np.array([[0, big], [0, 0], [0, big], [0, big], [big, 0], [0, 0]], np.float32)
+    replies = {k: Message("fit_reply", {}, {"logits": x}) for k, x in enumerate([first, second])}
+    # class 0 (images 0-2): 0 and 2 are opposed (the hardest) but only 2 does the federation read as a 0
+    # class 1 (images 3-5): none is read as a 1, so the plain disagreement ranking decides: 4 (opposed), then 3
+    soft = np.array([[0.4, 0.6], [0.45, 0.55], [0.7, 0.3], [0.6, 0.4], [0.6, 0.4], [0.9, 0.1]], np.float32)
+    class_ids = np.array([0, 0, 0, 1, 1, 1])
+    agreed_first = _algorithm(samples_per_class=1, transfer_candidates=3, transfer_selection="agreed-disagreement")
+    assert agreed_first.select_transfer(soft, class_ids, replies).tolist() == [2, 4]
+    plain = _algorithm(samples_per_class=2, transfer_candidates=3)  # disagreement: ties (0 and 2) to the earlier
+    assert plain.select_transfer(soft, class_ids, replies).tolist() == [0, 2, 3, 4]
+    two = _algorithm(samples_per_class=2, transfer_candidates=3, transfer_selection="agreed-disagreement")
+    assert two.select_transfer(soft, class_ids, replies).tolist() == [0, 2, 3, 4]  # then the hardest of the rest
+
+
 def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(tmp_path, monkeypatch):
     sent = []
     original = FedMMKT._fit_message

@@ -225,7 +225,8 @@ class FedMMKT(Algorithm):
         ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes, ``replies``
         the clients' validated ``fit_reply`` messages (``logits [N, C]``). Here: all of them when
         ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images that
-        ``transfer_selection`` ranks hardest (ties to the earlier image), so the set stays class-balanced."""
+        ``transfer_selection`` ranks hardest (ties to the earlier image), so the set stays class-balanced;
+        ``agreed-disagreement`` ranks the images whose federation top class is the prompt's before the rest."""
         cfg = self.config
         if cfg.transfer_candidates == 1:
             return np.arange(len(class_ids))
@@ -234,10 +235,13 @@ class FedMMKT(Algorithm):
         else:
             logits = [reply.arrays["logits"] for _, reply in sorted(replies.items())]
             hardness = disagreement(logits, cfg.kd_temperature)
+        agreed = np.zeros(len(class_ids), bool)
+        if cfg.transfer_selection == "agreed-disagreement":
+            agreed = np.argmax(soft_labels, axis=1) == class_ids
         keep = []
         for c in np.unique(class_ids):
             members = np.flatnonzero(class_ids == c)
-            order = np.argsort(-hardness[members], kind="stable")
+            order = np.lexsort((-hardness[members], ~agreed[members]))  # agreed first, then the hardest; stable
             keep.append(members[order[: cfg.samples_per_class]])
         return np.sort(np.concatenate(keep))
 

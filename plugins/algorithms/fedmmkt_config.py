@@ -19,12 +19,15 @@ class FedMMKTConfig(ComponentConfig):
         "score them all (the generator is fine-tuned on them all), and next round they distil on the "
         "samples_per_class of each class that transfer_selection ranks hardest. 1: every image is distilled on",
     )
-    transfer_selection: Literal["disagreement", "entropy"] = Field(
+    transfer_selection: Literal["disagreement", "agreed-disagreement", "entropy"] = Field(
         "disagreement",
         description="with transfer_candidates > 1, which images of a class are hard: disagreement, where the "
         "clients disagree (the Jensen-Shannon divergence of their softmax outputs: entropy of their mean minus "
-        "their mean entropy, as FedFTG and DENSE mine hard samples); entropy, where the federation's soft label "
-        "is least certain (on validation it picked images no client recognises, and the clients lost accuracy)",
+        "their mean entropy, as FedFTG and DENSE mine hard samples); agreed-disagreement, the same ranking "
+        "among the images whose federation top class is the prompt's first (images the federation reads as "
+        "their class but some clients do not: what the holders can teach the others), then the rest; entropy, "
+        "where the federation's soft label is least certain (on validation it picked images no client "
+        "recognises, and the clients lost accuracy)",
     )
     kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
