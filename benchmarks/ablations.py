@@ -104,6 +104,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
 }
+BY_ROUND = ["client_accuracy_mean", "generator_cas", "generator_fid"]
 METRICS = [
     "client_accuracy_mean",
     "client_accuracy_min",
@@ -135,6 +136,7 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
 
 def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, variant: str, rounds: int, out: Path):
     from fedmmkt_core.recipe import load_recipe
+    from fedmmkt_core.rundir import RunDirectory
     from fedmmkt_core.server.runner import Runner
 
     overrides = overrides_for(client_set, alpha, seed, "fedmmkt", rounds, recipe_path)
@@ -149,10 +151,13 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     summary = Runner(recipe, run_dir).run()
+    rows = RunDirectory(run_dir).read_metrics()
     return {
         "client_set": client_set, "alpha": alpha, "seed": seed, "variant": variant, "overrides": overrides,
         "baseline": baseline(recipe_path), "process_seconds": time.perf_counter() - start,
         **{k: summary[k] for k in METRICS if k in summary},
+        # each round's figures, so a study can tell when a difference appears (and what fewer rounds would give)
+        "by_round": {k: [row.get(k) for row in rows] for k in BY_ROUND if any(k in row for row in rows)},
     }  # fmt: skip
 
 
