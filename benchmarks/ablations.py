@@ -95,6 +95,13 @@ VARIANTS: dict[str, list[str]] = {
     # hard samples the federation reads as their prompt's class ranked first: the images whose agreed one-hot
     # target teaches the clients that do not yet see it (the adapter's images are agreed more often than the base's)
     "selection=agreed-disagreement": ["algorithm.params.transfer_selection=agreed-disagreement"],
+    # the adapter's images at a lower classifier-free guidance (the base's keep the recipe's 3.0): more diverse
+    # images once fine-tuning has moved the adapter toward the clients' domain; both arms of the loop take it
+    "adapter_guidance=1.5": ["generator.params.adapter_guidance_scale=1.5"],
+    "frozen-generator,adapter_guidance=1.5": [
+        "algorithm.name=fedmmkt-frozen-generator",
+        "generator.params.adapter_guidance_scale=1.5",
+    ],
     "frozen-generator,selection=agreed-disagreement": [
         "algorithm.name=fedmmkt-frozen-generator",
         "algorithm.params.transfer_selection=agreed-disagreement",

@@ -197,6 +197,24 @@ def test_base_generation_ignores_the_adapter():
     assert not np.array_equal(generator.generate(prompts, seeds), base)
 
 
+def test_adapter_guidance_scale_applies_to_the_adapted_images_only(monkeypatch):
+    generator, task = built(adapter_guidance_scale=1.5)
+    scales = []
+    original = type(generator.pipe).__call__
+
+    def recording(pipe, *args, **kwargs):
+        scales.append(kwargs["guidance_scale"])
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(generator.pipe), "__call__", recording)
+    prompts, seeds = [task.prompt(c) for c in range(4)], [7, 8, 9, 10]
+    adapted, base = generator.generate(prompts, seeds), generator.generate_base(prompts, seeds)
+    assert scales == [1.5, 3.0]
+    assert not np.array_equal(adapted, base)  # an untrained adapter: only the guidance differs
+    generator.config.adapter_guidance_scale = None
+    np.testing.assert_array_equal(generator.generate(prompts, seeds), base)
+
+
 def test_packaged_minilm_text_encoder_conditions_the_tiny_pipeline():
     generator, task = built(tiny={"text_encoder": "minilm", "max_prompt_tokens": 12})
     pipe = generator.pipe

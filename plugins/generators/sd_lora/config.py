@@ -101,6 +101,13 @@ class SDLoraConfig(ComponentConfig):
     lora: LoraSettings = LoraSettings()
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
+    adapter_guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="classifier-free guidance of the adapted generator's images (generate); null: guidance_scale. "
+        "The frozen base's images (generate_base) always take guidance_scale. A lower scale trades the adapter's "
+        "faithfulness to the prompt for diversity, once fine-tuning has moved it toward the clients' domain",
+    )
     resolution: int | None = Field(
         None, ge=8, le=MAX_IMAGE_SIZE, description="generation size; default: the task's image size"
     )

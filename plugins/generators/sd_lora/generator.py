@@ -166,26 +166,31 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        cfg = self.config
+        guidance = cfg.guidance_scale if cfg.adapter_guidance_scale is None else cfg.adapter_guidance_scale
+        return self._generate(prompts, seeds, guidance)
+
+    def _generate(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float) -> np.ndarray:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         cfg = self.config
         outputs = []
         with self._merged_adapter():
             for start in range(0, len(prompts), cfg.generation_batch_size):
-                outputs.append(self._generate_batch(prompts[start : start + cfg.generation_batch_size],
-                                                    seeds[start : start + cfg.generation_batch_size]))  # fmt: skip
+                chunk = slice(start, start + cfg.generation_batch_size)
+                outputs.append(self._generate_batch(prompts[chunk], seeds[chunk], guidance))
         if not outputs:
             return np.zeros((0, self.task.image_size, self.task.image_size, self.task.channels), dtype=np.uint8)
         return np.concatenate(outputs)
 
-    def _generate_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    def _generate_batch(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float) -> np.ndarray:
         cfg = self.config
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         with torch.no_grad():
             result = self.pipe(
                 list(prompts),
                 num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
+                guidance_scale=guidance,
                 generator=generators,
                 height=self.resolution,
                 width=self.resolution,
@@ -221,7 +226,7 @@ class SDLoraGenerator(LoraAdapterMixin, Generator):
         unet = self.pipe.unet
         unet.disable_adapters()
         try:
-            return self.generate(prompts, seeds)
+            return self._generate(prompts, seeds, self.config.guidance_scale)
         finally:
             unet.enable_adapters()
 
