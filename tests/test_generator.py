@@ -239,7 +239,7 @@ def test_generation_merges_the_adapter_and_restores_the_exact_base_weights():
         assert not layer.merged
         assert torch.equal(layer.get_base_layer().weight, weight)
     with torch.no_grad():  # the unmerged path, as peft computes it
-        unmerged = np.concatenate([generator._generate_batch(prompts, seeds)])
+        unmerged = np.concatenate([generator._generate_batch(prompts, seeds, generator.config.guidance_scale)])
     assert np.abs(merged.astype(int) - unmerged).max() <= 1  # float rounding only
     assert (merged == unmerged).mean() > 0.99
 
