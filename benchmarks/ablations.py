@@ -102,6 +102,9 @@ VARIANTS: dict[str, list[str]] = {
         "algorithm.name=fedmmkt-frozen-generator",
         "generator.params.adapter_guidance_scale=1.5",
     ],
+    # every image (the base's too) at the lower guidance: what the diversity gives both arms
+    "guidance=1.5": ["generator.params.guidance_scale=1.5"],
+    "frozen-generator,guidance=1.5": ["algorithm.name=fedmmkt-frozen-generator", "generator.params.guidance_scale=1.5"],
     "frozen-generator,selection=agreed-disagreement": [
         "algorithm.name=fedmmkt-frozen-generator",
         "algorithm.params.transfer_selection=agreed-disagreement",
