@@ -67,6 +67,12 @@ FINE_TUNE_FIELDS = (
 )  # fmt: skip
 
 
+# how the generator draws its images (every generator algorithm's transfer set and CAS); runs recorded before
+# these were are the quality recipes' values then (all three: 10 steps at guidance 3.0, one guidance for both)
+SAMPLING_FIELDS = ("num_inference_steps", "guidance_scale", "adapter_guidance_scale")
+EARLIER_SAMPLING = {"num_inference_steps": 10, "guidance_scale": 3.0, "adapter_guidance_scale": None}
+
+
 # FedMMKT's settings of who draws the transfer set, which of it the clients distil on and what the adapter trains on
 TRANSFER_FIELDS = ("base_fraction", "transfer_policy", "transfer_candidates", "transfer_selection", "fine_tune_on")
 # FedDF's baselines distil on every image they draw (textbook), so they never take FedMMKT's hard-sample selection
@@ -118,7 +124,19 @@ def generator_training(recipe_path: Path) -> dict[str, Any]:
         return {"pretrain": None, "fine_tune": None, "transfer": transfer, "alignment": alignment}
     dumped = recipe.build("generator", recipe.generator).config.model_dump(mode="json")
     fine_tune = {k: dumped[k] for k in FINE_TUNE_FIELDS if k in dumped} or None
-    return {"pretrain": dumped.get("pretrain"), "fine_tune": fine_tune, "transfer": transfer, "alignment": alignment}
+    sampling = {k: dumped[k] for k in SAMPLING_FIELDS if k in dumped} or None
+    return {
+        "pretrain": dumped.get("pretrain"), "fine_tune": fine_tune, "sampling": sampling, "transfer": transfer,
+        "alignment": alignment,
+    }  # fmt: skip
+
+
+def run_sampling(run: dict[str, Any]) -> dict[str, Any] | None:
+    """How a generator algorithm's run drew its images: recorded, else :data:`EARLIER_SAMPLING`; None for
+    algorithms without a generator."""
+    if run["algorithm"] not in GENERATOR_ALGORITHMS:
+        return None
+    return run["sampling"] if "sampling" in run else EARLIER_SAMPLING
 
 
 def run_alignment(run: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -159,8 +177,10 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
     """A run's algorithm, marked when it trained the generator or drew its transfer set otherwise than
     ``current`` (from :func:`generator_training`)."""
     if run["algorithm"] in GENERATOR_ALGORITHMS and current is not None:
-        own = ("transfer", "alignment")
+        own = ("transfer", "alignment", "sampling")
         differs = any(run.get(key, value) != value for key, value in current.items() if key not in own)
+        if current.get("sampling") is not None:
+            differs = differs or run_sampling(run) != current["sampling"]
         transfer = run_transfer(run)  # None where the algorithm's transfer set is not FedMMKT's
         if transfer is not None and "transfer" in current:
             differs = differs or transfer != transfer_settings(current["transfer"], tuple(transfer))
@@ -174,7 +194,9 @@ def label(run: dict[str, Any], current: dict[str, Any] | None) -> str:
 
 def merge_key(run: dict[str, Any]) -> tuple:
     """A run's cell, generator training and transfer set: one run per key survives a merge of result files."""
-    training = json.dumps([run.get("pretrain"), run.get("fine_tune"), run_transfer(run), run_alignment(run)])
+    training = json.dumps(
+        [run.get("pretrain"), run.get("fine_tune"), run_transfer(run), run_alignment(run), run_sampling(run)]
+    )
     return run["client_set"], run["alpha"], run["seed"], run["algorithm"], training
 
 

@@ -122,7 +122,7 @@ def margins(rows: list[dict[str, Any]]) -> str:
 
 def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
     """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
-    from .quality import label, run_alignment, run_transfer, transfer_settings
+    from .quality import label, run_alignment, run_sampling, run_transfer, transfer_settings
 
     found = []
     for run in runs:
@@ -139,6 +139,11 @@ def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
             prefix = "pretrain." if part == "pretrain" else ""
             changes += [
                 f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)
+            ]
+        sampling, ours = run_sampling(run), current.get("sampling")
+        if sampling is not None and ours is not None:
+            changes += [
+                f"{k}={sampling.get(k)}" for k in sorted(set(sampling) | set(ours)) if sampling.get(k) != ours.get(k)
             ]
         alignment = run_alignment(run)
         if alignment is not None and alignment != current.get("alignment", alignment):
@@ -344,6 +349,18 @@ AGREED_SELECTION_STUDY = (
     "Both arms of the loop take it (the recipe's and the frozen generator's); the recipe's arm and the frozen "
     "arm under plain disagreement are merged in from the replication above. Measured at commit 6362733 on "
     "the same one-thread bases, seeds, splits and clients.",
+)
+
+
+GUIDANCE_STUDY = (
+    "A lower classifier-free guidance",
+    "Validation split and the selection oracle. The recipe draws every image at guidance 3.0. "
+    "`adapter_guidance=1.5` draws the adapter's half at 1.5 (the base's half keeps 3.0), `guidance=1.5` every "
+    "image; each is taken by both arms of the loop (in the frozen arm the adapter's half is the untrained "
+    "adapter, i.e. the base, at that guidance), and the replication's two arms are merged in. Lower guidance "
+    "trades faithfulness to the prompt for diversity. Measured at commits 0fb173b and f7a3aec on the same "
+    "one-thread bases, seeds, splits and clients; CAS and Fréchet distance are measured on the adapter's "
+    "images, so at the arm's own guidance.",
 )
 
 
@@ -693,6 +710,7 @@ def render() -> str:
         *loop_section(load("adapter-speed-digits.json"), "adapter-speed-digits.json", ADAPTER_SPEED_STUDY),
         *loop_section(load("loop-rounds-digits.json"), "loop-rounds-digits.json", LOOP_ROUNDS_STUDY),
         *loop_section(load("agreed-selection-digits.json"), "agreed-selection-digits.json", AGREED_SELECTION_STUDY),
+        *loop_section(load("guidance-digits.json"), "guidance-digits.json", GUIDANCE_STUDY),
         *loop_section(
             load("ensemble-ce-digits-typeset.json"), "ensemble-ce-digits-typeset.json", TYPESET_ENSEMBLE_CE_STUDY
         ),

@@ -92,6 +92,22 @@ def test_quality_runs_under_other_generator_training_are_labelled(tmp_path):
     assert readme.other_training(runs, current) == "`pretrain.steps=1500`; or `fine_tune_snr_gamma=2.0`"
 
 
+def test_runs_drawn_at_another_guidance_are_labelled_even_when_measured_before_it_was_recorded():
+    sampling = {"num_inference_steps": 10, "guidance_scale": 1.5, "adapter_guidance_scale": None}
+    current = {"pretrain": None, "fine_tune": None, "sampling": sampling}
+    cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, "pretrain": None, "fine_tune": None}
+    runs = [
+        {**cell, "algorithm": "feddf", "client_accuracy_mean": 0.7},  # recorded before sampling was: guidance 3
+        {**cell, "algorithm": "feddf", "sampling": sampling, "client_accuracy_mean": 0.8},
+        {**cell, "algorithm": "local", "client_accuracy_mean": 0.5},  # no generator
+    ]
+    assert [quality.label(r, current) for r in runs] == ["feddf (another generator training)", "feddf", "local"]
+    assert len({quality.merge_key(r) for r in runs}) == 3
+    assert readme.other_training(runs, current) == "`guidance_scale=3.0`"
+    recorded = quality.generator_training(ROOT / "examples" / "digits.yaml")["sampling"]
+    assert set(recorded) == set(quality.SAMPLING_FIELDS) and recorded["num_inference_steps"] == 10
+
+
 def test_runs_with_another_transfer_set_are_labelled_even_when_measured_before_it_was_recorded():
     current = {"pretrain": None, "fine_tune": None, "transfer": {"base_fraction": 0.5, "transfer_policy": "fixed"}}
     cell = {"client_set": "heterogeneous", "alpha": 0.5, "seed": 0, "pretrain": None, "fine_tune": None}
