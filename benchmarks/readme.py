@@ -770,10 +770,9 @@ def render_headline() -> str:
         if not any(line.startswith("| **FedMMKT**") for line in table):
             body += [
                 "",
-                "The generator algorithms are not measured yet under the current recipe (the fine-tuning now "
-                "denoises the latents the base was pre-trained on, which changes every generator figure): "
-                "`python -m benchmarks quality --seeds 0 1 2 3 4`. Earlier recipes' figures are in "
-                "docs/results.md, labelled.",
+                "The generator algorithms are not measured yet under the current recipe (its generator settings "
+                "differ from every recorded run's): `python -m benchmarks quality --seeds 0 1 2 3 4`. Earlier "
+                "settings' figures are in docs/results.md, labelled.",
             ]
     return "\n".join([HEADLINE_BEGIN, "", *body, "", HEADLINE_END])
 
