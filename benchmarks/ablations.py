@@ -92,9 +92,14 @@ VARIANTS: dict[str, list[str]] = {
     # after the latent fix (issue 22): the adapter reaches the clients' domain only by the last rounds, so a
     # faster adapter (a higher rate, or twice the steps per round) would give them in-domain images sooner
     "generator_lr=3e-3": ["generator.params.lr=0.003"],
+    "fine_tune_steps=300": ["generator.params.fine_tune_steps=300"],
     # hard samples the federation reads as their prompt's class ranked first: the images whose agreed one-hot
     # target teaches the clients that do not yet see it (the adapter's images are agreed more often than the base's)
     "selection=agreed-disagreement": ["algorithm.params.transfer_selection=agreed-disagreement"],
+    "frozen-generator,selection=agreed-disagreement": [
+        "algorithm.name=fedmmkt-frozen-generator",
+        "algorithm.params.transfer_selection=agreed-disagreement",
+    ],
     # the adapter's images at a lower classifier-free guidance (the base's keep the recipe's 3.0): more diverse
     # images once fine-tuning has moved the adapter toward the clients' domain; both arms of the loop take it
     "adapter_guidance=1.5": ["generator.params.adapter_guidance_scale=1.5"],
@@ -105,11 +110,6 @@ VARIANTS: dict[str, list[str]] = {
     # every image (the base's too) at the lower guidance: what the diversity gives both arms
     "guidance=1.5": ["generator.params.guidance_scale=1.5"],
     "frozen-generator,guidance=1.5": ["algorithm.name=fedmmkt-frozen-generator", "generator.params.guidance_scale=1.5"],
-    "frozen-generator,selection=agreed-disagreement": [
-        "algorithm.name=fedmmkt-frozen-generator",
-        "algorithm.params.transfer_selection=agreed-disagreement",
-    ],
-    "fine_tune_steps=300": ["generator.params.fine_tune_steps=300"],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],

@@ -120,6 +120,11 @@ def margins(rows: list[dict[str, Any]]) -> str:
     return ("Points: " + "; ".join(parts) + ".") if parts else ""
 
 
+def changed_fields(theirs: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
+    """``prefix + key=their value`` for every key whose value differs between the two settings."""
+    return [f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+
+
 def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
     """The generator settings of runs measured otherwise than ``current``, as the fields that differ."""
     from .quality import label, run_alignment, run_sampling, run_transfer, transfer_settings
@@ -136,15 +141,10 @@ def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
                 ours = transfer_settings(ours, tuple(theirs))
             if part == "transfer" and not theirs:
                 continue
-            prefix = "pretrain." if part == "pretrain" else ""
-            changes += [
-                f"{prefix}{k}={theirs.get(k)}" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)
-            ]
+            changes += changed_fields(theirs, ours, "pretrain." if part == "pretrain" else "")
         sampling, ours = run_sampling(run), current.get("sampling")
         if sampling is not None and ours is not None:
-            changes += [
-                f"{k}={sampling.get(k)}" for k in sorted(set(sampling) | set(ours)) if sampling.get(k) != ours.get(k)
-            ]
+            changes += changed_fields(sampling, ours)
         alignment = run_alignment(run)
         if alignment is not None and alignment != current.get("alignment", alignment):
             changes.append("alignment_losses=" + " + ".join(f"{spec['weight']:g}·{spec['name']}" for spec in alignment))
