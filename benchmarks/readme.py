@@ -364,6 +364,17 @@ GUIDANCE_STUDY = (
 )
 
 
+GUIDANCE_OFF_STUDY = (
+    "No classifier-free guidance",
+    "Validation split and the selection oracle. The recipe draws every image at guidance 1.5 (the study above "
+    "chose it; its two `guidance=1.5` arms are the recipe's and are merged in as the reference). "
+    "`guidance=1.0` turns classifier-free guidance off: the images follow the prompt only through the "
+    "conditional prediction, and each denoising step takes one UNet pass instead of two. Both arms of the loop "
+    "take it. Measured at commit 6ffb5d8 on the same one-thread bases, seeds, splits and clients; CAS and "
+    "Fréchet distance at the arm's own guidance.",
+)
+
+
 TYPESET_ENSEMBLE_CE_STUDY = (
     "A loss whose gradient carries the clients' knowledge, on the typeset recipe",
     "Validation split and the selection oracle. The typeset recipe (`examples/digits-typeset.yaml`: a public set "
@@ -711,6 +722,7 @@ def render() -> str:
         *loop_section(load("loop-rounds-digits.json"), "loop-rounds-digits.json", LOOP_ROUNDS_STUDY),
         *loop_section(load("agreed-selection-digits.json"), "agreed-selection-digits.json", AGREED_SELECTION_STUDY),
         *loop_section(load("guidance-digits.json"), "guidance-digits.json", GUIDANCE_STUDY),
+        *loop_section(load("guidance-1-digits.json"), "guidance-1-digits.json", GUIDANCE_OFF_STUDY),
         *loop_section(
             load("ensemble-ce-digits-typeset.json"), "ensemble-ce-digits-typeset.json", TYPESET_ENSEMBLE_CE_STUDY
         ),
