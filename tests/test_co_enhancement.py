@@ -259,7 +259,7 @@ def test_entropy_selection_keeps_each_class_least_certain_images():
 
 
 def test_disagreement_selection_keeps_the_images_the_clients_disagree_on_not_the_unrecognisable():
-    from fedmmkt_plugins.algorithms.fedmmkt import disagreement
+    from fedmmkt_plugins.algorithms.hardness import disagreement
 
     big = np.log(9.0)  # softmax([log 9, 0]) = [0.9, 0.1]
     first = np.array([[big, 0], [0, 0], [big, 0], [big, 0]], np.float32)

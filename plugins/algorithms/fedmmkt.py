@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
-from fedmmkt_plugins.aggregators.kd import KDAggregator, softmax
+from fedmmkt_plugins.aggregators.kd import KDAggregator
 from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
+from fedmmkt_plugins.algorithms.hardness import disagreement, entropy
 
 from fedmmkt_core.cache import cache_dir
 from fedmmkt_core.errors import RecipeIssue
@@ -468,19 +469,6 @@ def mean_train_loss(replies: dict[int, Message]) -> dict[str, float]:
     """``train_loss``: the clients' mean reported loss (absent when every client withheld it, as under DP)."""
     losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
     return {"train_loss": float(np.mean(losses))} if losses else {}
-
-
-def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each row of ``probabilities [N, C]``."""
-    p = np.asarray(probabilities, np.float64)
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-
-
-def disagreement(logits: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
-    """How much the clients disagree on each image: the Jensen-Shannon divergence of their softmax outputs
-    (``logits``: one ``[N, C]`` array per client), the entropy of their mean minus their mean entropy."""
-    probabilities = [softmax(np.asarray(x, np.float64), temperature) for x in logits]
-    return entropy(np.mean(probabilities, axis=0)) - np.mean([entropy(p) for p in probabilities], axis=0)
 
 
 def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
