@@ -141,7 +141,11 @@ REPLY_FIELDS: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
         "accuracy": ACCURACY_FIELD,  # only when the fit message asked to EVALUATE_AFTER_FIT
         "num_test": NUM_TEST_FIELD,
     },
-    "predict_reply": {"privacy_epsilon": EPSILON_FIELD, "privacy_noise_multiplier": NOISE_FIELD},
+    "predict_reply": {
+        "num_samples": (0, 2**40, False, True),
+        "privacy_epsilon": EPSILON_FIELD,
+        "privacy_noise_multiplier": NOISE_FIELD,
+    },
     "evaluate_reply": {
         "accuracy": (*ACCURACY_FIELD[:2], True, False),
         "num_test": NUM_TEST_FIELD,

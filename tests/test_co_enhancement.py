@@ -313,6 +313,35 @@ def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(t
     assert all(0 < row["transfer_entropy"] for row in rows)
 
 
+def test_this_round_distillation_labels_the_rounds_set_first_and_distils_on_it_in_the_same_round(tmp_path, monkeypatch):
+    from fedmmkt_core.client import ClientRuntime
+
+    seen = []  # (client, message type, arrays) as each client received them
+    original = ClientRuntime.handle
+
+    def recording(self, message):
+        seen.append((self.client_id, message.type, dict(message.arrays)))
+        return original(self, message)
+
+    monkeypatch.setattr(ClientRuntime, "handle", recording)
+    recipe = RECIPE.replace("name: fedmmkt, params: {", "name: fedmmkt, params: {distill_on: this-round, ")
+    Runner(parse_recipe(recipe.replace("rounds: 2", "rounds: 3")), tmp_path / "run").run()
+    client_zero = [(kind, sorted(arrays)) for client, kind, arrays in seen if client == 0]
+    assert client_zero == [
+        ("fit", ["predict_images"]),  # round 1 as before: untrained clients cannot label, so they train first
+        ("predict", ["images"]),  # round 2: label the round's own set ...
+        ("fit", ["distill_images", "distill_soft_labels"]),  # ... then distil on it
+        ("predict", ["images"]),
+        ("fit", ["distill_images", "distill_soft_labels"]),
+    ]
+    messages = [arrays for client, _, arrays in seen if client == 0]
+    for labelled, distilled in ((messages[1], messages[2]), (messages[3], messages[4])):
+        np.testing.assert_array_equal(distilled["distill_images"], labelled["images"])  # the same round's set
+    assert not np.array_equal(messages[1]["images"], messages[3]["images"])
+    rows = _rows(tmp_path / "run")
+    assert all("train_loss" in row and "client_accuracy_mean" in row and not row["failures"] for row in rows)
+
+
 def test_weighted_denoising_weightings_by_hand():
     """a = (0.9, 0.6, 0.4, 0.5): threshold 0.5 keeps the first, second and fourth; hard counts them once,
     soft by a, uncertain by 1 - a (the surest pair counts least)."""

@@ -153,6 +153,24 @@ def test_flower_deployment_reproduces_the_inprocess_run(tmp_path, federation, in
                 assert abs(flower - toolkit) <= 0.1 * toolkit, row
 
 
+def test_this_round_distillation_labels_through_flower_as_in_process(tmp_path, federation):
+    import torch
+
+    overrides = [*THREE_CLIENTS, "algorithm.params.distill_on=this-round"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the federation's processes
+    try:
+        Runner(load_recipe(SMOKE, overrides), tmp_path / "inprocess").run()
+    finally:
+        torch.set_num_threads(threads)
+    result = run_cli([*overrides, flower_backend(federation)], tmp_path / "flower")
+    assert result.exit_code == 0, result.output
+    assert rows_without_timing(tmp_path / "flower") == rows_without_timing(tmp_path / "inprocess")
+    wire = [json.loads(line) for line in (tmp_path / "flower" / WIRE_FILE).read_text().splitlines()]
+    by_round = {r: sorted(row["type"] for row in wire if row["round"] == r and row["client"] == 0) for r in (1, 2)}
+    assert by_round == {1: ["fit"], 2: ["fit", "predict"]}  # round 2 labels its own set, then distils on it
+
+
 def server_app_pids(federation: LocalFederation) -> list[int]:
     found = []
     for pid in federation.descendants("superlink"):

@@ -101,8 +101,10 @@ def test_privacy_needs_an_algorithm_that_uploads_soft_labels():
         parse_recipe(RECIPE + "privacy: {clip_norm: 1.0}\n")
 
 
-def test_fedmmkt_run_with_privacy_reports_epsilon_per_round(tmp_path):
+@pytest.mark.parametrize("distill_on", ["previous-round", "this-round"])
+def test_fedmmkt_run_with_privacy_reports_epsilon_per_round(tmp_path, distill_on):
     recipe = RECIPE.replace("rounds: 2", "rounds: 3") + "privacy: {noise_multiplier: 1.0, clip_norm: 5.0}\n"
+    recipe = recipe.replace("name: fedmmkt, params: {", f"name: fedmmkt, params: {{distill_on: {distill_on}, ")
     summary = Runner(parse_recipe(recipe), tmp_path / "run").run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     spec = SoftLabelPrivacy(noise_multiplier=1.0)

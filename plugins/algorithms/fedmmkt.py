@@ -1,10 +1,10 @@
 """FedMMKT: the server's text-to-image model and the clients' task models teach each other.
 
-One round: synthesize a class-balanced set S_r with the generator; every sampled
-client trains on its private data plus KD on last round's set with last round's soft labels, then
-returns logits on S_r; the KD aggregator turns them into soft labels q_r; the alignment a_j = q_r[j, c_j]
-tells which images really show their prompt; the generator's LoRA is fine-tuned with the recipe's
-alignment losses. Only synthetic images, soft labels and logits cross the wire.
+One round: synthesize a class-balanced set S_r with the generator; every sampled client trains on its
+private data plus KD on last round's set with last round's soft labels, then returns logits on S_r
+(``distill_on: this-round``: labels S_r first, then distils on it); the KD aggregator turns them into soft
+labels q_r; the alignment a_j = q_r[j, c_j] tells which images really show their prompt; the generator's
+LoRA is fine-tuned with the recipe's alignment losses. Only synthetic images, soft labels and logits cross the wire.
 """
 
 from __future__ import annotations
@@ -175,19 +175,31 @@ class FedMMKT(Algorithm):
                 chosen = np.flatnonzero(mask)
                 if len(chosen):
                     images[chosen] = draw([prompts[j] for j in chosen], [seeds[j] for j in chosen])
-        messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
-        replies = ctx.exchange(
-            "fit", messages, expect="fit_reply", validate=lambda k, reply: self._check_logits(reply, len(images))
-        )
+        # this-round: the clients label the round's set before they train, and distil on it in the same round
+        labelled_first = cfg.distill_on == "this-round" and self.previous is not None
+
+        def check(client_id: int, reply: Message) -> None:
+            self._check_logits(reply, len(images))
+
+        if labelled_first:
+            messages = {k: self._predict_message(ctx, round_index, k, images) for k in ctx.sampled}
+            replies = ctx.exchange("predict", messages, expect="predict_reply", validate=check)
+        else:
+            messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
+            replies = fitted = ctx.exchange("fit", messages, expect="fit_reply", validate=check)
         with ctx.phase("aggregate"):
             soft_labels = check_soft_labels(
                 self.aggregate(round_index, replies), (len(images), num_classes), self._aggregator_name(ctx)
             )
             targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
             transfer = self.select_transfer(soft_labels, class_ids, replies)
+        if labelled_first:
+            self.previous = (images[transfer], targets[transfer])
+            messages = {k: self._fit_message(ctx, round_index, k, None) for k in ctx.sampled}
+            fitted = ctx.exchange("fit", messages, expect="fit_reply")
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
-            **mean_train_loss(replies),
+            **mean_train_loss(fitted),
             "synthetic_images": len(images),
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
             "alignment_mean": float(np.mean(batch.alignment)),
@@ -224,7 +236,8 @@ class FedMMKT(Algorithm):
         """Hook: which of the round's images the clients distil on next round, as sorted indices.
 
         ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes, ``replies``
-        the clients' validated ``fit_reply`` messages (``logits [N, C]``). Here: all of them when
+        the clients' validated replies (``logits [N, C]``; ``predict_reply`` under ``distill_on: this-round``).
+        Here: all of them when
         ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images that
         ``transfer_selection`` ranks hardest (ties to the earlier image), so the set stays class-balanced;
         ``agreed-disagreement`` ranks the images whose federation top class is the prompt's before the rest."""
@@ -353,7 +366,12 @@ class FedMMKT(Algorithm):
         one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
         return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
 
-    def _fit_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
+    def _predict_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
+        config = {"seed": ctx.seed_for("predict", round_index, client_id), "logits_dtype": self.config.logits_dtype}
+        return Message("predict", config, {"images": images})
+
+    def _fit_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray | None) -> Message:
+        """The round's fit: local training, KD on ``self.previous``; logits on ``images`` unless None."""
         cfg = self.config
         config = {
             "seed": ctx.seed_for("fit", round_index, client_id),
@@ -362,7 +380,7 @@ class FedMMKT(Algorithm):
             "logits_dtype": cfg.logits_dtype,
             EVALUATE_AFTER_FIT: True,  # the round's evaluation rides on this exchange (see evaluate)
         }
-        arrays = {"predict_images": images}
+        arrays = {} if images is None else {"predict_images": images}
         if self.previous is not None:
             arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
         return Message("fit", config, arrays)

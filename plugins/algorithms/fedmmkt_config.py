@@ -29,6 +29,14 @@ class FedMMKTConfig(ComponentConfig):
         "where the federation's soft label is least certain (on validation it picked images no client "
         "recognises, and the clients lost accuracy)",
     )
+    distill_on: Literal["previous-round", "this-round"] = Field(
+        "previous-round",
+        description="which synthetic set the clients distil on in a round. previous-round: the set they "
+        "labelled last round (one exchange per round; the generator's update of round r first reaches their "
+        "training in round r + 2). this-round: the round's own set, which they label first (a predict exchange, "
+        "then fit: two exchanges per round, the same client compute; the update of round r reaches them in "
+        "round r + 1). The first round is always as previous-round: untrained clients cannot label",
+    )
     kd_weight: float = Field(1.0, ge=0, description="weight λ of the clients' KD term on the synthetic set")
     kd_temperature: float = Field(1.0, gt=0, description="temperature of the clients' KD term")
     logits_dtype: Literal["float32", "float16"] = Field("float16", description="dtype clients upload logits in")
