@@ -110,8 +110,6 @@ VARIANTS: dict[str, list[str]] = {
     # every image (the base's too) at the lower guidance: what the diversity gives both arms
     "guidance=1.5": ["generator.params.guidance_scale=1.5"],
     "frozen-generator,guidance=1.5": ["algorithm.name=fedmmkt-frozen-generator", "generator.params.guidance_scale=1.5"],
-    # no classifier-free guidance at all (the recipe draws at 1.5): the most diverse images, and one UNet pass per
-    # denoising step instead of two, so synthesis and the generator's evaluation cost half (issue 25)
     # the clients label the round's own set first and distil on it in the same round: each generator update
     # reaches their training a round sooner (in 5 rounds, four updates instead of three)
     "distill_on=this-round": ["algorithm.params.distill_on=this-round"],
@@ -121,6 +119,8 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # at guidance 1.5 the adapter's images teach (the loop's first interval above zero): a larger share of them
     "base_fraction=0.25": ["algorithm.params.base_fraction=0.25"],
+    # no classifier-free guidance at all (the recipe draws at 1.5): the most diverse images, and one UNet pass per
+    # denoising step instead of two, so synthesis and the generator's evaluation cost half (issue 25)
     "guidance=1.0": ["generator.params.guidance_scale=1.0"],
     "frozen-generator,guidance=1.0": ["algorithm.name=fedmmkt-frozen-generator", "generator.params.guidance_scale=1.0"],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],

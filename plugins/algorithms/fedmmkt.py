@@ -193,8 +193,8 @@ class FedMMKT(Algorithm):
             )
             targets, trusted = self.distill_targets(soft_labels, class_ids, replies)
             transfer = self.select_transfer(soft_labels, class_ids, replies)
+        self.previous = (images[transfer], targets[transfer])  # what the clients distil on next (this-round: now)
         if labelled_first:
-            self.previous = (images[transfer], targets[transfer])
             messages = {k: self._fit_message(ctx, round_index, k, None) for k in ctx.sampled}
             fitted = ctx.exchange("fit", messages, expect="fit_reply")
         batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
@@ -223,7 +223,6 @@ class FedMMKT(Algorithm):
                 metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
         if cfg.replay_buffer > 0:
             self.replay = seen.subset(np.arange(max(0, len(seen) - cfg.replay_buffer), len(seen)))
-        self.previous = (images[transfer], targets[transfer])
         return metrics
 
     def candidates_per_class(self) -> int:
@@ -237,8 +236,7 @@ class FedMMKT(Algorithm):
 
         ``soft_labels [N, C]`` are :meth:`aggregate`'s, ``class_ids [N]`` the prompts' classes, ``replies``
         the clients' validated replies (``logits [N, C]``; ``predict_reply`` under ``distill_on: this-round``).
-        Here: all of them when
-        ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images that
+        Here: all of them when ``transfer_candidates`` is 1; otherwise, per class, the ``samples_per_class`` images that
         ``transfer_selection`` ranks hardest (ties to the earlier image), so the set stays class-balanced;
         ``agreed-disagreement`` ranks the images whose federation top class is the prompt's before the rest."""
         cfg = self.config
