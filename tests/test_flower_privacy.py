@@ -227,3 +227,24 @@ def test_flower_simulation_under_dp_nodes_send_only_noised_logits(tmp_path, monk
     computed = [PrivacyLedger(state / f"client_{k}" / f"client_{k}.privacy.json").epsilon(SPEC.delta) for k in range(2)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["privacy_epsilon"] == pytest.approx(max(computed)) == pytest.approx(SPEC.epsilon(1))
+
+
+def test_a_node_under_dp_charges_a_predict_exchange_and_not_the_fit_that_distils_on_it(tmp_path, flower_task):
+    """`distill_on: this-round` on a node under DP: the round's predict exchange is one charged upload of
+    noised logits only; the fit that then distils on those images uploads nothing and charges nothing."""
+    images = np.random.default_rng(1).integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+    context = node_context(RECIPE + DP, {"state-dir": str(tmp_path)})
+    predicted = node_reply(context, Message("predict", {"seed": 5, "logits_dtype": "float32"}, {"images": images}))
+    assert predicted.type == "predict_reply"
+    assert set(predicted.arrays) == {"logits"}
+    assert set(predicted.config) == {"privacy_epsilon", "privacy_noise_multiplier"}
+    assert predicted.arrays["logits"].astype(np.float64).std() > 0.5 * SPEC.noise_std(len(images))
+    assert predicted.config["privacy_epsilon"] == pytest.approx(SPEC.epsilon(1))
+
+    soft = np.full((len(images), 10), 0.1, np.float32)
+    distil = Message("fit", {"seed": 5}, {"distill_images": images, "distill_soft_labels": soft})
+    fitted = node_reply(context, distil)
+    assert fitted.type == "fit_reply" and set(fitted.arrays) == set()
+    assert fitted.config == {"privacy_epsilon": pytest.approx(SPEC.epsilon(1)), "privacy_noise_multiplier": 1.0}
+    ledger = PrivacyLedger(tmp_path / "default" / "client_1" / "client_1.privacy.json")
+    assert [(e["type"], e["rows"]) for e in ledger.entries] == [("predict", 30)]
