@@ -155,13 +155,16 @@ def other_training(runs: list[dict[str, Any]], current: dict[str, Any]) -> str:
 
 
 def quality_section(
-    data: dict[str, Any] | None, file: str = "quality-digits.json", archived: bool = False
+    data: dict[str, Any] | None, file: str = "quality-digits.json", archived: bool = False, title: str | None = None
 ) -> list[str]:
     """One quality file as tables per (client set, α), with Fréchet distances and the paired comparisons.
 
-    ``archived``: the file holds an earlier recipe's runs, titled as such and shown only when measured."""
+    ``archived``: the file holds an earlier recipe's runs, titled as such and shown only when measured.
+    ``title``: a study of a few algorithms (shown only when measured) instead of the whole matrix."""
     recipe = data["setting"]["recipe"] if data else f"examples/{Path(file).stem.removeprefix('quality-')}.yaml"
-    title = "every algorithm × client set × Dirichlet α × seed"
+    if title is not None and data is None:
+        return []
+    title = title or "every algorithm × client set × Dirichlet α × seed"
     if archived:
         if data is None:
             return []
@@ -743,6 +746,9 @@ def render() -> str:
         *quality_section(quality),
         *quality_section(load("quality-digits-typeset.json"), "quality-digits-typeset.json"),
         *quality_section(load("quality-fashion.json"), "quality-fashion.json"),
+        *quality_section(
+            load("quality-digits-r6.json"), "quality-digits-r6.json", title="the loop at the recipe's own 6 rounds"
+        ),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
         *loop_section(load("hard-digits.json"), "hard-digits.json", HARD_STUDY),
