@@ -37,7 +37,9 @@ def run_cli(overrides, out: Path):
     return cli.invoke(app, args)
 
 
-def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("distill_on", ["previous-round", "this-round"])
+def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch, distill_on):
+    """this-round adds a predict exchange before each fit from round 2: both message types through Ray."""
     pytest.importorskip("ray", reason="the flower-simulation extra is not installed")
     import torch
 
@@ -47,8 +49,9 @@ def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch):
     monkeypatch.setenv(SIM_TOKEN, token)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    overrides = [*THREE_CLIENTS, f"algorithm.params.distill_on={distill_on}"]
     try:
-        Runner(load_recipe(SMOKE, THREE_CLIENTS), tmp_path / "inprocess").run()
+        Runner(load_recipe(SMOKE, overrides), tmp_path / "inprocess").run()
     finally:
         torch.set_num_threads(threads)
 
@@ -63,7 +66,7 @@ def test_flower_simulation_reproduces_the_inprocess_run(tmp_path, monkeypatch):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        result = run_cli([*THREE_CLIENTS, SIMULATION], tmp_path / "simulation")
+        result = run_cli([*overrides, SIMULATION], tmp_path / "simulation")
     finally:
         done.set()
         watcher.join(timeout=10)
