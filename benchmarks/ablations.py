@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .common import RESULTS, atomic_write_json, earlier_commits, machine, merged_machine, set_threads, spread
 from .quality import CLIENT_SETS, overrides_for
 
 VARIANTS: dict[str, list[str]] = {
@@ -287,10 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     setting = {"recipe": str(args.recipe), "rounds": args.rounds, "torch_threads": threads, "split": "validation"}
     previous = json.loads(result_file.read_text()) if result_file.exists() else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    measured_at = earlier_commits(previous) if runs else set()
     for other in args.merge_from:  # runs another worker measured with the same setting
         data = json.loads(other.read_text())
         if data.get("setting") != setting:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
+        measured_at.update(data.get("machine", {}).get("measured_at") or [data.get("machine", {}).get("commit", "?")])
         known = {(r["client_set"], r["alpha"], r["seed"], r["variant"], json.dumps(r.get("baseline"))) for r in runs}
         runs += [
             r
@@ -304,8 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     command = f"python -m benchmarks ablations --recipe {args.recipe} --rounds {args.rounds}"
 
     def save() -> None:
-        atomic_write_json(result_file, {"setting": setting, "command": command, "machine": machine(), "runs": runs,
-                                        "baseline": current, "table": summarize(runs, current),
+        atomic_write_json(result_file, {"setting": setting, "command": command, "machine": merged_machine(measured_at),
+                                        "runs": runs, "baseline": current, "table": summarize(runs, current),
                                         "reference": args.reference, "pairs": args.pair,
                                         "paired": paired_vs(runs, args.reference, current, args.pair)})  # fmt: skip
 
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"    val acc {result['client_accuracy_mean']:.3f}  CAS {result.get('generator_cas', '-')}"
               f"  {result['process_seconds']:.0f} s", flush=True)  # fmt: skip
         runs.append(result)
+        if measured_at:
+            measured_at.add(machine()["commit"])
         save()
     save()
     print_table(summarize(runs, current))

@@ -37,6 +37,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def merged_machine(measured_at: set[str]) -> dict[str, Any]:
+    """:func:`machine` for a results file that merges other workers' files: ``commit`` is the merging
+    checkout's, ``measured_at`` the commits the merged runs were measured at (their files' ``machine.commit``,
+    plus this checkout's when it ran cells itself)."""
+    here = machine()
+    return {**here, "measured_at": sorted(measured_at)} if measured_at else here
+
+
+def earlier_commits(previous: dict[str, Any]) -> set[str]:
+    """The commits a results file's runs were measured at, as far as it records them (see merged_machine)."""
+    recorded = previous.get("machine", {})
+    return set(recorded.get("measured_at") or ([recorded["commit"]] if recorded.get("commit") else []))
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Every benchmark writes its results JSON through this (indented, then renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import RESULTS, atomic_write_json, machine, set_threads, spread
+from .common import RESULTS, atomic_write_json, earlier_commits, machine, merged_machine, set_threads, spread
 
 RECIPE = Path("examples/digits.yaml")
 # Which clients a cell runs. The digits recipes' own clients are 3 ResNets + 3 ViTs.
@@ -374,10 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     result_file: Path = args.results or RESULTS / f"quality-{args.recipe.stem}.json"
     previous = json.loads(result_file.read_text()) if result_file.exists() and not args.fresh else {}
     runs: list[dict[str, Any]] = previous.get("runs", []) if previous.get("setting") == setting else []
+    measured_at = earlier_commits(previous) if runs else set()
     for other in args.merge_from:  # runs another worker measured with the same setting
         data = json.loads(other.read_text())
         if data.get("setting") != setting:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
+        measured_at.update(data.get("machine", {}).get("measured_at") or [data.get("machine", {}).get("commit", "?")])
         known = {merge_key(r) for r in runs}
         runs += [r for r in data["runs"] if merge_key(r) not in known]
     current = generator_training(args.recipe)
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         atomic_write_json(result_file, {
-            "setting": setting, "command": command, "machine": machine(), "runs": runs,
+            "setting": setting, "command": command, "machine": merged_machine(measured_at), "runs": runs,
             "table": [r for r in summarize(runs, current) if not r["algorithm"].endswith(OTHER_GENERATOR)],
             "archive": [r for r in summarize(runs, current) if r["algorithm"].endswith(OTHER_GENERATOR)],
             "paired": paired(runs, current),
@@ -423,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         runs.append(result)
+        if measured_at:
+            measured_at.add(machine()["commit"])
         save()
     save()
     print_table(summarize(runs, current))

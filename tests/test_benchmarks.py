@@ -301,3 +301,30 @@ def test_allocator_section_shows_both_settings_and_whether_the_metrics_agree():
     assert "synthesize" in text and "aggregate" not in text.split("| malloc |")[1].split("\n")[0]
     assert "**True**" in text
     assert readme.allocator_section(None)[-2] == "Not measured yet: `python -m benchmarks allocator`."
+
+
+def test_a_merged_results_file_records_the_commits_its_runs_were_measured_at(tmp_path):
+    """Workers measure in frozen worktrees; the merged file names their commits, not the merging checkout's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    setting = {"recipe": "examples/digits.yaml", "rounds": 2, "torch_threads": 1}
+    run = {"client_set": "heterogeneous", "alpha": 0.5, "algorithm": "local", "client_accuracy_mean": 0.5}
+    workers = []
+    for seed, commit in ((0, "aaa1111"), (1, "bbb2222")):
+        path = tmp_path / f"worker-{seed}.json"
+        runs = [{**run, "seed": seed}]
+        path.write_text(json.dumps({"setting": setting, "machine": {"commit": commit}, "runs": runs}))
+        workers.append(str(path))
+    merged = tmp_path / "merged.json"
+    try:
+        quality.main(["--rounds", "2", "--seeds", "0", "1", "--alphas", "0.5", "--client-sets", "heterogeneous",
+                      "--algorithms", "local", "--threads", "1", "--no-run", "--results", str(merged),
+                      "--merge-from", *workers])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads(merged.read_text())
+    assert data["machine"]["measured_at"] == ["aaa1111", "bbb2222"] and len(data["runs"]) == 2
+    assert readme.commits(data["machine"]) == "aaa1111, bbb2222"
+    assert "commit aaa1111, bbb2222" in readme.machine_line(data)
+    assert readme.commits({"commit": "ccc3333"}) == "ccc3333"  # a file measured where it was written
