@@ -755,6 +755,11 @@ def render() -> str:
         *quality_section(
             load("quality-digits-r6.json"), "quality-digits-r6.json", title="the loop at the recipe's own 6 rounds"
         ),
+        *quality_section(
+            load("quality-digits-typeset-r8.json"),
+            "quality-digits-typeset-r8.json",
+            title="the loop at the recipe's own 8 rounds",
+        ),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
         *loop_section(load("hard-digits.json"), "hard-digits.json", HARD_STUDY),
