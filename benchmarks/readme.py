@@ -396,6 +396,16 @@ REACH_STUDY = (
 )
 
 
+THIS_ROUND_R6_STUDY = (
+    "Same-round distillation at the recipe's own 6 rounds",
+    "Validation split and the selection oracle. Both arms of the loop with `distill_on=this-round` (the "
+    "clients label each round's own set first, then distil on it in the same round) at the demo recipe's 6 "
+    "rounds, the length it took after the 5-round study above. Its rounds 1–5 repeat that study's runs bit "
+    "for bit. The recipe's own arms at round 6 are those of the 8-round study below (its rounds 1–6 are a "
+    "6-round run's). Measured at commit 4b2624e on the same one-thread bases, seeds, splits and clients.",
+)
+
+
 LOOP_ROUNDS_GUIDANCE_STUDY = (
     "The loop over the demo's 8 rounds at guidance 1.5",
     "Validation split and the selection oracle. The demo recipe at guidance 1.5 at its length then, 8 "
@@ -772,6 +782,7 @@ def render() -> str:
         *loop_section(load("guidance-digits.json"), "guidance-digits.json", GUIDANCE_STUDY),
         *loop_section(load("guidance-1-digits.json"), "guidance-1-digits.json", GUIDANCE_OFF_STUDY),
         *loop_section(load("reach-digits.json"), "reach-digits.json", REACH_STUDY),
+        *loop_section(load("this-round-r6-digits.json"), "this-round-r6-digits.json", THIS_ROUND_R6_STUDY),
         *loop_section(
             load("loop-rounds-guidance-digits.json"), "loop-rounds-guidance-digits.json", LOOP_ROUNDS_GUIDANCE_STUDY
         ),
