@@ -415,6 +415,15 @@ LOOP_ROUNDS_GUIDANCE_STUDY = (
 )
 
 
+TYPESET_ROUNDS_STUDY = (
+    "The loop over the typeset recipe's 8 rounds",
+    "Validation split and the selection oracle. The typeset recipe as it stands (guidance 1.5, `ensemble-ce` "
+    "at 0.1, `rounds: 8`, a length never chosen on this recipe) against its frozen arm, to choose its length "
+    "as the demo recipe's was chosen. Measured at commit ef2cf01 on the one-thread bases of the typeset "
+    "studies above (the same seeds, splits, partitions and clients).",
+)
+
+
 TYPESET_ENSEMBLE_CE_STUDY = (
     "A loss whose gradient carries the clients' knowledge, on the typeset recipe",
     "Validation split and the selection oracle. The typeset recipe (`examples/digits-typeset.yaml`: a public set "
@@ -790,6 +799,7 @@ def render() -> str:
             load("ensemble-ce-digits-typeset.json"), "ensemble-ce-digits-typeset.json", TYPESET_ENSEMBLE_CE_STUDY
         ),
         *loop_section(load("guidance-digits-typeset.json"), "guidance-digits-typeset.json", TYPESET_GUIDANCE_STUDY),
+        *loop_section(load("loop-rounds-digits-typeset.json"), "loop-rounds-digits-typeset.json", TYPESET_ROUNDS_STUDY),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
