@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(other.read_text())
         if data.get("setting") != setting:
             raise SystemExit(f"{other}: measured with {data.get('setting')}, not {setting}")
-        measured_at.update(data.get("machine", {}).get("measured_at") or [data.get("machine", {}).get("commit", "?")])
+        measured_at |= earlier_commits(data)
         known = {(r["client_set"], r["alpha"], r["seed"], r["variant"], json.dumps(r.get("baseline"))) for r in runs}
         runs += [
             r
