@@ -123,6 +123,12 @@ VARIANTS: dict[str, list[str]] = {
     # denoising step instead of two, so synthesis and the generator's evaluation cost half (issue 25)
     "guidance=1.0": ["generator.params.guidance_scale=1.0"],
     "frozen-generator,guidance=1.0": ["algorithm.name=fedmmkt-frozen-generator", "generator.params.guidance_scale=1.0"],
+    # inversion feedback: the clients also return how their own models would change each image (their class, their
+    # private data's BatchNorm statistics), and the adapter is fine-tuned on the changed base images
+    **{
+        f"inversion={size}": ["algorithm.params.inversion_steps=5", f"algorithm.params.inversion_step_size={size}"]
+        for size in (0.1, 0.3, 0.6)
+    },
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],

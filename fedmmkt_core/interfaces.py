@@ -160,6 +160,19 @@ class ClientModel(Component):
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         """Logits ``float32 [N, num_classes]`` for uint8 images ``[N, H, W, C]``."""
 
+    def inversion_deltas(
+        self, images: np.ndarray, class_ids: np.ndarray, steps: int, step_size: float, seed: int
+    ) -> np.ndarray:
+        """Optional: how this model would change each image to look more like its class and like this
+        client's data (the inversion feedback of ``fedmmkt``'s ``inversion_steps``).
+
+        ``images`` uint8 ``[N, H, W, C]``, ``class_ids`` int ``[N]`` (the class each was generated for).
+        Returns float32 ``[N, H, W, C]`` in the [-1, 1] image scale: the total change after ``steps``
+        steps of at most ``step_size / steps`` root-mean-square each, so every value lies within
+        ``[-2, 2]``. Must not change the model. A model that cannot (this default) raises
+        ``NotImplementedError`` and its client uploads no deltas."""
+        raise NotImplementedError(f"{type(self).__name__} computes no inversion deltas")
+
     @abstractmethod
     def get_weights(self) -> dict[str, np.ndarray]:
         """Every tensor the model needs to be restored, as numpy arrays."""

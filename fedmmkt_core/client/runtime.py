@@ -17,6 +17,11 @@ failure) ``return_weights`` and any upload past ``privacy.max_epsilon``.
               Reply: ``num_samples`` and metrics, ``weights/*`` when asked (FedAvg only), and
               ``logits`` + ``class_counts`` on ``predict_images`` after training when given.
 ``predict``   arrays: ``images`` uint8. Reply: ``logits`` float32, ``class_counts``, ``num_samples``.
+
+Inversion feedback (both types, with images to label): config ``inversion_steps`` > 0 and
+``inversion_step_size``, array ``image_class_ids`` (the class each image was generated for) ask for
+``inversion_deltas`` float16 ``[N, H, W, C]`` (:meth:`ClientModel.inversion_deltas`), computed after
+training. Never under DP (they are not noised or counted in ε), nor by a model that cannot compute them.
 ``evaluate``  arrays: optional ``weights/*``. Reply: ``accuracy``, ``num_test``.
 """
 
@@ -42,6 +47,7 @@ from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message, MessageError, with_pr
 CLIENT_SECRET_ENV = "FEDMMKT_CLIENT_SECRET"
 
 MAX_SYNTHETIC_IMAGES = 100_000
+MAX_INVERSION_STEPS = 100
 # Logits may travel as float16: half the upload, and soft labels need no more precision.
 LOGIT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -123,6 +129,7 @@ class ClientRuntime:
         arrays = with_prefix(self.model.get_weights()) if message.config.get("return_weights") else {}
         if predict_images is not None:
             arrays.update(self._logits(predict_images, dtype, charge))
+            arrays.update(self._inversion(message, predict_images))
         config: dict = self._privacy_report(charge)
         if self.privacy is None:  # under DP only noised, accounted values go up
             config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
@@ -159,6 +166,27 @@ class ClientRuntime:
         counts = self.train.class_counts(self.task.num_classes)
         return {"logits": logits.astype(LOGIT_DTYPES[dtype]), "class_counts": counts}
 
+    def _inversion(self, message: Message, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``inversion_deltas`` on ``images`` when the message asks for them; none under DP (they would
+        escape ε) or from a model that cannot compute them."""
+        steps = message.number("inversion_steps", 0, MAX_INVERSION_STEPS, required=False, integer=True)
+        if not steps or self.privacy is not None:
+            return {}
+        step_size = message.number("inversion_step_size", 0.0, 2.0, required=True)
+        if step_size <= 0:
+            raise MessageError("inversion_step_size must be positive")
+        class_ids = message.array("image_class_ids", np.int64, (len(images),))
+        if len(class_ids) and (class_ids.min() < 0 or class_ids.max() >= self.task.num_classes):
+            raise MessageError(f"image_class_ids must lie in [0, {self.task.num_classes})")
+        try:
+            deltas = self.model.inversion_deltas(images, class_ids, int(steps), float(step_size), _seed(message))
+        except NotImplementedError:
+            return {}
+        deltas = np.asarray(deltas, dtype=np.float32)
+        if deltas.shape != images.shape or not np.isfinite(deltas).all() or np.abs(deltas).max(initial=0) > 2:
+            raise ValueError(f"{type(self.model).__name__}.inversion_deltas broke its contract (shape, range [-2, 2])")
+        return {"inversion_deltas": deltas.astype(np.float16)}
+
     def noise_rng(self, counter: int) -> np.random.Generator:
         """Randomness for DP noise that only this client holds.
 
@@ -180,7 +208,7 @@ class ClientRuntime:
         images = self._images(message, "images")
         dtype = _logits_dtype(message)
         charge = self._charge(message, len(images))
-        arrays = self._logits(images, dtype, charge)
+        arrays = {**self._logits(images, dtype, charge), **self._inversion(message, images)}
         config = {"num_samples": len(self.train)} if self.privacy is None else self._privacy_report(charge)
         return Message("predict_reply", config, arrays)
 

@@ -15,21 +15,20 @@ import numpy as np
 from fedmmkt_plugins.aggregators.kd import KDAggregator
 from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
 from fedmmkt_plugins.algorithms.hardness import disagreement, entropy
+from fedmmkt_plugins.algorithms.inversion import check_inversion_deltas, inversion_request, nudged_images
+from fedmmkt_plugins.algorithms.replies import MAX_ABS_LOGIT, MAX_SITE_NOISE_FACTOR, check_logits
 
 from fedmmkt_core.cache import cache_dir
 from fedmmkt_core.errors import RecipeIssue
 from fedmmkt_core.interfaces import Algorithm, AlignmentBatch, ClientReply
 from fedmmkt_core.outputs import check_metrics, check_soft_labels
 from fedmmkt_core.paths import check_allocation
-from fedmmkt_core.privacy import SoftLabelPrivacy
 from fedmmkt_core.recipe import Recipe
 from fedmmkt_core.seeding import derive_seed
 from fedmmkt_core.server.context import ServerContext
-from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message, MessageError
+from fedmmkt_core.wire import EVALUATE_AFTER_FIT, Message
 
-# Trained classifiers' logits stay within tens; a reply far beyond is broken or hostile.
-MAX_ABS_LOGIT = 1000.0
-MAX_SITE_NOISE_FACTOR = 10.0  # a stricter site's reported noise widens the logit bound up to this many times
+__all__ = ["MAX_ABS_LOGIT", "MAX_SITE_NOISE_FACTOR", "FedMMKT"]  # the bounds, re-exported where they were defined
 
 
 class FedMMKT(Algorithm):
@@ -91,7 +90,20 @@ class FedMMKT(Algorithm):
                     "base_fraction: 0 draws none; set base_fraction above 0 or fine_tune_on: all",
                 )
             )
+        if cfg.inversion_steps and recipe.privacy is not None:
+            issues.append(
+                RecipeIssue(
+                    "algorithm.params.inversion_steps",
+                    "inversion feedback uploads image-sized changes that differential privacy neither noises nor "
+                    "counts in ε; set inversion_steps: 0 or remove privacy",
+                )
+            )
         return issues
+
+    @property
+    def asks_inversion(self) -> bool:
+        """Whether the clients return inversion deltas: only when the clients' feedback trains the generator."""
+        return self.update_generator and self.client_feedback and self.config.inversion_steps > 0
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, ctx: ServerContext) -> None:
@@ -180,12 +192,13 @@ class FedMMKT(Algorithm):
 
         def check(client_id: int, reply: Message) -> None:
             self._check_logits(reply, len(images))
+            check_inversion_deltas(reply, images.shape)
 
         if labelled_first:
-            messages = {k: self._predict_message(ctx, round_index, k, images) for k in ctx.sampled}
+            messages = {k: self._predict_message(ctx, round_index, k, images, class_ids) for k in ctx.sampled}
             replies = ctx.exchange("predict", messages, expect="predict_reply", validate=check)
         else:
-            messages = {k: self._fit_message(ctx, round_index, k, images) for k in ctx.sampled}
+            messages = {k: self._fit_message(ctx, round_index, k, images, class_ids) for k in ctx.sampled}
             replies = fitted = ctx.exchange("fit", messages, expect="fit_reply", validate=check)
         with ctx.phase("aggregate"):
             soft_labels = check_soft_labels(
@@ -197,8 +210,11 @@ class FedMMKT(Algorithm):
         if labelled_first:
             messages = {k: self._fit_message(ctx, round_index, k, None) for k in ctx.sampled}
             fitted = ctx.exchange("fit", messages, expect="fit_reply")
-        batch = AlignmentBatch(images, prompts, class_ids, soft_labels, self.class_prompts)
+        # inversion feedback: the adapter is fine-tuned on the images as the clients would change them
+        fine_tune_images, inversion_metrics = nudged_images(images, replies) if self.asks_inversion else (images, {})
+        batch = AlignmentBatch(fine_tune_images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
+            **inversion_metrics,
             **mean_train_loss(fitted),
             "synthetic_images": len(images),
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
@@ -364,12 +380,27 @@ class FedMMKT(Algorithm):
         one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
         return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
 
-    def _predict_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray) -> Message:
-        config = {"seed": ctx.seed_for("predict", round_index, client_id), "logits_dtype": self.config.logits_dtype}
-        return Message("predict", config, {"images": images})
+    def _inversion_request(self, class_ids: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+        steps = self.config.inversion_steps if self.asks_inversion else 0
+        return inversion_request(steps, self.config.inversion_step_size, class_ids)
 
-    def _fit_message(self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray | None) -> Message:
-        """The round's fit: local training, KD on ``self.previous``; logits on ``images`` unless None."""
+    def _predict_message(
+        self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray, class_ids: np.ndarray
+    ) -> Message:
+        config, arrays = self._inversion_request(class_ids)
+        config.update(seed=ctx.seed_for("predict", round_index, client_id), logits_dtype=self.config.logits_dtype)
+        return Message("predict", config, {"images": images, **arrays})
+
+    def _fit_message(
+        self,
+        ctx: ServerContext,
+        round_index: int,
+        client_id: int,
+        images: np.ndarray | None,
+        class_ids: np.ndarray | None = None,
+    ) -> Message:
+        """The round's fit: local training, KD on ``self.previous``; logits on ``images`` (each generated for
+        ``class_ids``) unless None, and inversion deltas when :attr:`asks_inversion`."""
         cfg = self.config
         config = {
             "seed": ctx.seed_for("fit", round_index, client_id),
@@ -379,45 +410,16 @@ class FedMMKT(Algorithm):
             EVALUATE_AFTER_FIT: True,  # the round's evaluation rides on this exchange (see evaluate)
         }
         arrays = {} if images is None else {"predict_images": images}
+        if images is not None and class_ids is not None:
+            request, request_arrays = self._inversion_request(class_ids)
+            config.update(request)
+            arrays.update(request_arrays)
         if self.previous is not None:
             arrays["distill_images"], arrays["distill_soft_labels"] = self.previous
         return Message("fit", config, arrays)
 
     def _check_logits(self, reply: Message, count: int) -> None:
-        shape = (count, len(self.class_prompts))
-        logits = reply.array("logits", np.dtype(self.config.logits_dtype), shape, finite=True)
-        largest = float(np.abs(logits).max()) if count else 0.0
-        privacy = self._reply_privacy(reply)
-        bound = MAX_ABS_LOGIT + (8 * privacy.noise_std(count) if privacy is not None else 0.0)
-        if largest > bound:
-            raise MessageError(f"logits reach {largest:.4g}, beyond the plausible ±{bound:g}")
-        if privacy is not None:  # under DP (the recipe's or a site's own) counts are withheld (they would escape ε)
-            return
-        counts = reply.array("class_counts", np.int64, (len(self.class_prompts),))
-        if (counts < 0).any():
-            raise MessageError("class_counts must not be negative")
-        if int(reply.config.get("num_samples", 0)) <= 0:
-            raise MessageError("num_samples must be positive")
-
-    def _reply_privacy(self, reply: Message) -> SoftLabelPrivacy | None:
-        """The DP settings a reply's logits were noised under, for their plausibility bound: the recipe's,
-        or a stricter site's noise multiplier the client reports, up to ``MAX_SITE_NOISE_FACTOR`` times the
-        recipe's (a claim of less noise than the recipe's changes nothing). In a recipe without DP, a site that
-        runs under its own reports its multiplier too (default clipping, as the client applies it; the cap is
-        ``MAX_SITE_NOISE_FACTOR`` times a multiplier of 1); ``None`` for a reply that reports none."""
-        reported = reply.config.get("privacy_noise_multiplier")
-        if reported is None:
-            return self.privacy
-        try:
-            value = float(reported)
-        except (TypeError, ValueError):
-            raise MessageError(f"privacy_noise_multiplier must be a number, got {reported!r}") from None
-        if not np.isfinite(value) or value <= 0:
-            raise MessageError(f"privacy_noise_multiplier must be positive and finite, got {value}")
-        base = self.privacy if self.privacy is not None else SoftLabelPrivacy(noise_multiplier=1.0)
-        recipe = self.privacy.noise_multiplier if self.privacy is not None else 0.0
-        noise = min(max(value, recipe), MAX_SITE_NOISE_FACTOR * base.noise_multiplier)
-        return base.model_copy(update={"noise_multiplier": noise})
+        check_logits(reply, (count, len(self.class_prompts)), self.config.logits_dtype, self.privacy)
 
     def _aggregator_name(self, ctx: ServerContext) -> str:
         name = ctx.recipe.aggregator.name if ctx.recipe.aggregator is not None else "kd"

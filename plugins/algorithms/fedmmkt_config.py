@@ -90,6 +90,19 @@ class FedMMKTConfig(ComponentConfig):
     prompt_weight: float = Field(
         1.0, ge=0, le=1, description="β: a trusted image's target is (1-β)·q_j + β·onehot(c_j)"
     )
+    inversion_steps: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="inversion feedback: with N > 0 every client also returns, for each image it labels, the "
+        "change N normalised gradient steps of its own model would make to it (towards the image's class and, "
+        "for networks with BatchNorm, towards its private data's feature statistics, as DeepInversion); the "
+        "adapter is fine-tuned on the images moved by the clients' mean change. An image-sized upload per "
+        "client that DP does not account: refused with privacy. 0: off",
+    )
+    inversion_step_size: float = Field(
+        0.2, gt=0, le=2, description="inversion feedback: each image's total root-mean-square change, [-1, 1] scale"
+    )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
     grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")

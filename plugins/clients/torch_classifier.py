@@ -20,6 +20,7 @@ TORCH_HINT = "Install the CPU build with: pip install torch==2.13.0 (see constra
 torch = lazy_import("torch", TORCH_HINT)
 F = lazy_import("torch.nn.functional", TORCH_HINT)
 WHOLE_SET_FLOAT_BYTES = 64 * 2**20  # image sets up to this size as floats are converted to tensors once per fit
+INVERSION_CHUNK = 512  # images per forward pass of the inversion feedback (its BatchNorm statistics' batch)
 
 
 class TorchClassifierConfig(ComponentConfig):
@@ -117,6 +118,51 @@ class TorchClassifier(ClientModel):
             return np.zeros((0, self.task.num_classes), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32)
 
+    def inversion_deltas(
+        self, images: np.ndarray, class_ids: np.ndarray, steps: int, step_size: float, seed: int
+    ) -> np.ndarray:
+        """Normalised gradient steps on the images (the model frozen, in eval mode), descending the
+        cross-entropy of each image's class plus, where the network has BatchNorm layers, DeepInversion's
+        feature-statistics loss: how far the batch's per-channel mean and variance at each BatchNorm input
+        lie from the running statistics of this client's private data. Each term's gradient is scaled to
+        unit root-mean-square per image before they are added, and each step moves an image by
+        ``step_size / steps`` root-mean-square. BatchNorm statistics are taken over chunks of up to
+        ``INVERSION_CHUNK`` images in a seeded random order, so a chunk mixes classes."""
+        self.net.eval()
+        start = self._tensor(images)
+        x = start.clone()
+        targets = torch.from_numpy(np.asarray(class_ids, dtype=np.int64)).to(self.device)
+        norms = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in norms if m.running_mean is not None and m.running_var is not None]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        for _ in range(steps):
+            direction = torch.zeros_like(x)
+            for chunk in order.split(INVERSION_CHUNK):
+                direction[chunk] = self._inversion_direction(x[chunk], targets[chunk], norms)
+            x = (x - (step_size / steps) * _unit_rms(direction)).clamp(-1.0, 1.0)
+        return (x - start).permute(0, 2, 3, 1).contiguous().cpu().numpy().astype(np.float32)
+
+    def _inversion_direction(self, x: Any, targets: Any, norms: list[Any]) -> Any:
+        x = x.detach().requires_grad_(True)
+        inputs: list[tuple[Any, Any]] = []
+        hooks = [m.register_forward_hook(lambda m, args, _out: inputs.append((m, args[0]))) for m in norms]
+        try:
+            logits = self.net(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        (ce_gradient,) = torch.autograd.grad(F.cross_entropy(logits, targets, reduction="sum"), x, retain_graph=True)
+        direction = _unit_rms(ce_gradient)
+        if inputs:
+            statistics = sum(
+                torch.linalg.vector_norm(h.mean(dim=(0, 2, 3)) - m.running_mean)
+                + torch.linalg.vector_norm(h.var(dim=(0, 2, 3), unbiased=False) - m.running_var)
+                for m, h in inputs
+            )
+            (bn_gradient,) = torch.autograd.grad(statistics, x)
+            direction = direction + _unit_rms(bn_gradient)
+        return direction.detach()
+
     def get_weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
 
@@ -129,6 +175,12 @@ class TorchClassifier(ClientModel):
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(f"weight '{key}' has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
         self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def _unit_rms(gradient: Any) -> Any:
+    """Each image's gradient ``[N, C, H, W]`` scaled to unit root-mean-square (zero stays zero)."""
+    rms = gradient.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return gradient / rms.clamp_min(1e-12)
 
 
 def hf_classifier_module(
