@@ -129,6 +129,13 @@ VARIANTS: dict[str, list[str]] = {
         f"inversion={size}": ["algorithm.params.inversion_steps=5", f"algorithm.params.inversion_step_size={size}"]
         for size in (0.1, 0.3, 0.6)
     },
+    # ... and on its own images changed too, so the changes accumulate round after round (DeepInversion through
+    # the generator); without the changes, training on its own images made the adapter drift
+    "inversion=0.6,fine_tune_on=all": [
+        "algorithm.params.inversion_steps=5",
+        "algorithm.params.inversion_step_size=0.6",
+        "algorithm.params.fine_tune_on=all",
+    ],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],

@@ -296,8 +296,8 @@ def test_hard_sample_transfer_scores_every_candidate_and_sends_only_the_chosen(t
     sent = []
     original = FedMMKT._fit_message
 
-    def recording(self, ctx, round_index, client_id, images):
-        message = original(self, ctx, round_index, client_id, images)
+    def recording(self, ctx, round_index, client_id, images, class_ids=None):
+        message = original(self, ctx, round_index, client_id, images, class_ids)
         sent.append((round_index, len(message.arrays["predict_images"]), len(message.arrays.get("distill_images", []))))
         return message
 
