@@ -443,6 +443,27 @@ TYPESET_GUIDANCE_STUDY = (
     "arm's own guidance.",
 )
 
+INVERSION_STUDY = (
+    "Inversion feedback",
+    "Validation split and the selection oracle. The demo recipe at its 6 rounds with inversion feedback: every client "
+    "also returns how 5 normalised gradient steps of its own model would change each image (towards the image's "
+    "class and, for the ResNets, towards their private data's BatchNorm statistics), at a total root-mean-square "
+    "change of 0.3 or 0.6 on the [-1, 1] scale, and the adapter is fine-tuned on the base's images as the clients' "
+    "mean change moves them (`inversion=…`), or on its own images too, so the changes accumulate "
+    "(`fine_tune_on=all`). `inversion=0.3` was stopped after two seeds for the larger step. The recipe's own arms "
+    "at round 6 are those of the 8-round study above (its rounds 1–6 are a 6-round run's); the paired differences "
+    "against them are in docs/results.md. Measured at commits c1c1c72 and 0d92e31 (the same code; the second adds "
+    "the last variant) on the same one-thread bases, seeds, splits and clients.",
+)
+
+TYPESET_INVERSION_STUDY = (
+    "Inversion feedback on the typeset recipe",
+    "Validation split and the selection oracle. The typeset recipe at its 8 rounds with inversion feedback at a "
+    "total change of 0.6 (`inversion=0.6`, as in the demo recipe's study above), paired against the recipe's own "
+    "arms from the 8-round study above (merged in: the same bases, seeds, splits and clients). Measured at commits "
+    "c1c1c72 and 0d92e31 (the same code).",
+)
+
 
 def loop_section(data: dict[str, Any] | None, file: str, study: tuple[str, str] = LOOP_STUDY) -> list[str]:
     """A validation study of the loop (``study``: title and what its variants are): each variant's figures
@@ -800,6 +821,8 @@ def render() -> str:
         ),
         *loop_section(load("guidance-digits-typeset.json"), "guidance-digits-typeset.json", TYPESET_GUIDANCE_STUDY),
         *loop_section(load("loop-rounds-digits-typeset.json"), "loop-rounds-digits-typeset.json", TYPESET_ROUNDS_STUDY),
+        *loop_section(load("inversion-digits.json"), "inversion-digits.json", INVERSION_STUDY),
+        *loop_section(load("inversion-digits-typeset.json"), "inversion-digits-typeset.json", TYPESET_INVERSION_STUDY),
         *ablations_section(load("ablations-digits.json"), "ablations-digits.json"),
         *ablations_section(load("ablations-digits-typeset.json"), "ablations-digits-typeset.json"),
         *cost_section(cost, load("quality-digits-prefix.json")),
