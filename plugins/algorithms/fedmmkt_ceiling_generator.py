@@ -35,6 +35,10 @@ class FedMMKTCeilingGenerator(FedMMKT):
             self.class_prompts,
         )
 
+    @property
+    def asks_inversion(self) -> bool:
+        return False  # the adapter trains on the pooled real images, never on the clients' moved ones
+
     def generator_requirements(self) -> dict[str, str]:
         return {}  # every transfer image is the adapted generator's
 
