@@ -887,8 +887,8 @@ def render_headline() -> str:
 
 
 def own_length_loop(data: dict[str, Any] | None) -> list[str]:
-    """The headline's second part: the loop and the generator at the demo recipe's own length (FedMMKT and
-    its frozen arm only), every α measured, from ``quality-digits-r6.json``."""
+    """The headline's second part: the loop and the generator at the demo recipe's own length (the arms
+    measured there, named), every α measured, from ``quality-digits-r6.json``."""
     if data is None:
         return []
     from .quality import generator_training, paired
@@ -899,9 +899,10 @@ def own_length_loop(data: dict[str, Any] | None) -> list[str]:
     for row in rows:
         row["comparison"] = f"α = {row['alpha']}: {row['comparison']}"
     commit = commits(data.get("machine", {}))
+    arms = sorted({run["algorithm"] for run in data["runs"]}, key=lambda name: (name != "fedmmkt", name))
     return [
         "",
-        f"The same recipe at its own {data['setting']['rounds']} rounds, FedMMKT and its frozen-generator arm only "
+        f"The same recipe at its own {data['setting']['rounds']} rounds, arms {', '.join(arms)} "
         f"(from `benchmarks/results/quality-digits-r6.json`, commit {commit}; rounds 1–5 repeat the runs above "
         "bit for bit):",
         "",
