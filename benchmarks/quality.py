@@ -78,12 +78,13 @@ TRANSFER_FIELDS = ("base_fraction", "transfer_policy", "transfer_candidates", "t
 # what FedMMKT's adapter is fine-tuned on beyond the clients' labels (the frozen arm, the control and the ceiling
 # never ask for the clients' inversion deltas, so these never change their figures)
 INVERSION_FIELDS = ("inversion_steps", "inversion_step_size")
+FEDMMKT_FIELDS = (*TRANSFER_FIELDS, *INVERSION_FIELDS)  # what a FedMMKT run and the recipe record
 # FedDF's baselines distil on every image they draw (textbook), so they never take FedMMKT's hard-sample selection
 SELECTION_FIELDS = ("transfer_candidates", "transfer_selection")
 # whose transfer set which of those fields set: the ceiling generator draws every image itself, so only the
 # selection (its client side is FedMMKT's)
 TRANSFER_ALGORITHMS = {
-    "fedmmkt": (*TRANSFER_FIELDS, *INVERSION_FIELDS),
+    "fedmmkt": FEDMMKT_FIELDS,
     "fedmmkt-no-feedback": TRANSFER_FIELDS,
     "fedmmkt-frozen-generator": TRANSFER_FIELDS,
     "fedmmkt-ceiling-generator": SELECTION_FIELDS,
@@ -121,7 +122,7 @@ def generator_training(recipe_path: Path) -> dict[str, Any]:
     # the generator's and algorithm's settings do not depend on the data, whose folder (e.g. Fashion-MNIST's
     # IDX files) need not exist where the docs are rendered: a stand-in dataset keeps validation from reading it
     recipe = load_recipe(recipe_path, ["data.dataset={name: digits}"])
-    transfer = transfer_settings(recipe.algorithm.params, (*TRANSFER_FIELDS, *INVERSION_FIELDS))
+    transfer = transfer_settings(recipe.algorithm.params, FEDMMKT_FIELDS)
     alignment = alignment_settings([spec.model_dump(mode="json") for spec in recipe.alignment_losses])
     if recipe.generator is None:
         return {"pretrain": None, "fine_tune": None, "transfer": transfer, "alignment": alignment}

@@ -17,12 +17,12 @@ failure) ``return_weights`` and any upload past ``privacy.max_epsilon``.
               Reply: ``num_samples`` and metrics, ``weights/*`` when asked (FedAvg only), and
               ``logits`` + ``class_counts`` on ``predict_images`` after training when given.
 ``predict``   arrays: ``images`` uint8. Reply: ``logits`` float32, ``class_counts``, ``num_samples``.
+``evaluate``  arrays: optional ``weights/*``. Reply: ``accuracy``, ``num_test``.
 
-Inversion feedback (both types, with images to label): config ``inversion_steps`` > 0 and
+Inversion feedback (``fit`` and ``predict``, with images to label): config ``inversion_steps`` > 0 and
 ``inversion_step_size``, array ``image_class_ids`` (the class each image was generated for) ask for
 ``inversion_deltas`` float16 ``[N, H, W, C]`` (:meth:`ClientModel.inversion_deltas`), computed after
 training. Never under DP (they are not noised or counted in ε), nor by a model that cannot compute them.
-``evaluate``  arrays: optional ``weights/*``. Reply: ``accuracy``, ``num_test``.
 """
 
 from __future__ import annotations

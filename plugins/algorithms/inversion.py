@@ -47,7 +47,7 @@ def nudged_images(images: np.ndarray, replies: Mapping[int, Message]) -> tuple[n
     if not deltas:
         return images, metrics
     scaled = images.astype(np.float32) / 127.5 - 1.0 + np.mean(deltas, axis=0)
-    moved = np.clip(np.rint((np.clip(scaled, -1.0, 1.0) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    moved = np.rint((np.clip(scaled, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)  # within [0, 255]
     change = moved.astype(np.float32) - images.astype(np.float32)
     metrics["inversion_rms_grey_levels"] = float(np.mean(np.sqrt(np.mean(change**2, axis=(1, 2, 3)))))
     return moved, metrics
