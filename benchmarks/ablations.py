@@ -136,6 +136,21 @@ VARIANTS: dict[str, list[str]] = {
         "algorithm.params.inversion_step_size=0.6",
         "algorithm.params.fine_tune_on=all",
     ],
+    # the demo recipe's whole loop (its transfer policy and its guidance), tried on a recipe that predates it
+    # (Fashion-MNIST), beside the frozen base under the same selection and guidance: the loop's control
+    "demo-loop": [
+        "algorithm.params.base_fraction=0.5",
+        "algorithm.params.fine_tune_on=base",
+        "algorithm.params.transfer_candidates=2",
+        "algorithm.params.transfer_selection=disagreement",
+        "generator.params.guidance_scale=1.5",
+    ],
+    "frozen-generator,demo-loop": [
+        "algorithm.name=fedmmkt-frozen-generator",
+        "algorithm.params.transfer_candidates=2",
+        "algorithm.params.transfer_selection=disagreement",
+        "generator.params.guidance_scale=1.5",
+    ],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
