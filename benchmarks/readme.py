@@ -813,6 +813,9 @@ def render() -> str:
             "quality-digits-typeset-r8.json",
             title="the loop at the recipe's own 8 rounds",
         ),
+        *quality_section(
+            load("quality-fashion-r6.json"), "quality-fashion-r6.json", title="the loop at the recipe's own 6 rounds"
+        ),
         *loop_section(load("loop-digits.json"), "loop-digits.json"),
         *loop_section(load("loop-fashion.json"), "loop-fashion.json"),
         *loop_section(load("demo-loop-fashion.json"), "demo-loop-fashion.json", FASHION_DEMO_LOOP_STUDY),
