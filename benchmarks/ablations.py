@@ -195,6 +195,7 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
     if variant.startswith("feddf"):  # FedDF takes FedMMKT's transfer-set settings, not its server-knowledge targets
         overrides += ["algorithm.params.client_targets=ensemble"]
     recipe = load_recipe(recipe_path, overrides)
+    around = baseline(recipe_path)  # read with the recipe, not when the run ends (the file may change meanwhile)
     run_dir = out / f"{recipe_path.stem}-{client_set}-a{alpha}-s{seed}-{variant.replace('=', '_').replace(',', '_')}"
     if run_dir.exists():
         import shutil
@@ -205,7 +206,7 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
     rows = RunDirectory(run_dir).read_metrics()
     return {
         "client_set": client_set, "alpha": alpha, "seed": seed, "variant": variant, "overrides": overrides,
-        "baseline": baseline(recipe_path), "process_seconds": time.perf_counter() - start,
+        "baseline": around, "process_seconds": time.perf_counter() - start,
         **{k: summary[k] for k in METRICS if k in summary},
         # each round's figures, so a study can tell when a difference appears (and what fewer rounds would give)
         "by_round": {k: [row.get(k) for row in rows] for k in BY_ROUND if any(k in row for row in rows)},
