@@ -21,6 +21,12 @@ from typing import Any
 from .common import RESULTS, atomic_write_json, earlier_commits, machine, merged_machine, set_threads, spread
 from .quality import CLIENT_SETS, overrides_for
 
+# the demo recipe's hard-sample selection and guidance, which both arms of its loop share
+DEMO_SELECTION = [
+    "algorithm.params.transfer_candidates=2",
+    "algorithm.params.transfer_selection=disagreement",
+    "generator.params.guidance_scale=1.5",
+]
 VARIANTS: dict[str, list[str]] = {
     "fedmmkt": [],
     "feddf": ["algorithm.name=feddf"],
@@ -138,19 +144,8 @@ VARIANTS: dict[str, list[str]] = {
     ],
     # the demo recipe's whole loop (its transfer policy and its guidance), tried on a recipe that predates it
     # (Fashion-MNIST), beside the frozen base under the same selection and guidance: the loop's control
-    "demo-loop": [
-        "algorithm.params.base_fraction=0.5",
-        "algorithm.params.fine_tune_on=base",
-        "algorithm.params.transfer_candidates=2",
-        "algorithm.params.transfer_selection=disagreement",
-        "generator.params.guidance_scale=1.5",
-    ],
-    "frozen-generator,demo-loop": [
-        "algorithm.name=fedmmkt-frozen-generator",
-        "algorithm.params.transfer_candidates=2",
-        "algorithm.params.transfer_selection=disagreement",
-        "generator.params.guidance_scale=1.5",
-    ],
+    "demo-loop": ["algorithm.params.base_fraction=0.5", "algorithm.params.fine_tune_on=base", *DEMO_SELECTION],
+    "frozen-generator,demo-loop": ["algorithm.name=fedmmkt-frozen-generator", *DEMO_SELECTION],
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
