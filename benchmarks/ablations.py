@@ -142,6 +142,12 @@ VARIANTS: dict[str, list[str]] = {
         "algorithm.params.inversion_step_size=0.6",
         "algorithm.params.fine_tune_on=all",
     ],
+    # a larger change, accumulated the same way (the typeset recipe, whose ceiling leaves 12 points of room)
+    "inversion=1.0,fine_tune_on=all": [
+        "algorithm.params.inversion_steps=5",
+        "algorithm.params.inversion_step_size=1.0",
+        "algorithm.params.fine_tune_on=all",
+    ],
     # the demo recipe's whole loop (its transfer policy and its guidance), tried on a recipe that predates it
     # (Fashion-MNIST), beside the frozen base under the same selection and guidance: the loop's control
     "demo-loop": ["algorithm.params.base_fraction=0.5", "algorithm.params.fine_tune_on=base", *DEMO_SELECTION],
