@@ -136,18 +136,16 @@ VARIANTS: dict[str, list[str]] = {
         for size in (0.1, 0.3, 0.6)
     },
     # ... and on its own images changed too, so the changes accumulate round after round (DeepInversion through
-    # the generator); without the changes, training on its own images made the adapter drift
-    "inversion=0.6,fine_tune_on=all": [
-        "algorithm.params.inversion_steps=5",
-        "algorithm.params.inversion_step_size=0.6",
-        "algorithm.params.fine_tune_on=all",
-    ],
-    # a larger change, accumulated the same way (the typeset recipe, whose ceiling leaves 12 points of room)
-    "inversion=1.0,fine_tune_on=all": [
-        "algorithm.params.inversion_steps=5",
-        "algorithm.params.inversion_step_size=1.0",
-        "algorithm.params.fine_tune_on=all",
-    ],
+    # the generator); without the changes, training on its own images made the adapter drift. 1.0: a larger
+    # change, for the typeset recipe, whose ceiling leaves 12 points of room
+    **{
+        f"inversion={size},fine_tune_on=all": [
+            "algorithm.params.inversion_steps=5",
+            f"algorithm.params.inversion_step_size={size}",
+            "algorithm.params.fine_tune_on=all",
+        ]
+        for size in (0.6, 1.0)
+    },
     # the demo recipe's whole loop (its transfer policy and its guidance), tried on a recipe that predates it
     # (Fashion-MNIST), beside the frozen base under the same selection and guidance: the loop's control
     "demo-loop": ["algorithm.params.base_fraction=0.5", "algorithm.params.fine_tune_on=base", *DEMO_SELECTION],
