@@ -146,6 +146,9 @@ VARIANTS: dict[str, list[str]] = {
         ]
         for size in (0.6, 1.0)
     },
+    # class-mean feedback: the clients also return each class's mean private image (classes with >= 20 images), and
+    # the adapter is fine-tuned on the base's images moved towards the federation's class means (by λ of the gap)
+    **{f"class_means={strength}": [f"algorithm.params.class_mean_shift={strength}"] for strength in (0.5, 1.0)},
     # the typeset adapter learns to draw what the clients already recognise surely (their alignment on its images
     # ~0.98 by round 5, against ~0.8 on the pooled-real ceiling's): weight its weighted denoising by 1 - a_j
     # instead, so it learns most from the base's images the clients recognise least surely (hard positives),

@@ -40,6 +40,17 @@ class ImageSet:
         """int64 ``[num_classes]``: how many samples each class has."""
         return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
 
+    def class_means(self, num_classes: int, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per class, the mean image on the [-1, 1] scale (float32 ``[num_classes, H, W, C]``) where the class
+        has at least ``min_count`` samples, zeros elsewhere; and int64 ``[num_classes]``, the counts with 0
+        where the mean is withheld."""
+        counts = self.class_counts(num_classes)
+        counts[counts < min_count] = 0
+        means = np.zeros((num_classes, *self.images.shape[1:]), np.float32)
+        for c in np.flatnonzero(counts):
+            means[c] = self.images[self.labels == c].astype(np.float32).mean(axis=0) / 127.5 - 1.0
+        return means, counts
+
 
 @dataclass(frozen=True)
 class TaskSpec:

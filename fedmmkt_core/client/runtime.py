@@ -23,6 +23,10 @@ Inversion feedback (``fit`` and ``predict``, with images to label): config ``inv
 ``inversion_step_size``, array ``image_class_ids`` (the class each image was generated for) ask for
 ``inversion_deltas`` float16 ``[N, H, W, C]`` (:meth:`ClientModel.inversion_deltas`), computed after
 training. Never under DP (they are not noised or counted in ε), nor by a model that cannot compute them.
+
+Class means (``fit`` and ``predict``): config ``class_means_min_count`` k > 0 asks for ``class_means``
+float16 ``[C, H, W, ch]`` (the mean private image of each class with at least k images, [-1, 1] scale;
+zeros otherwise) and ``class_mean_counts`` int64 ``[C]`` (0 where withheld). Never under DP.
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class ClientRuntime:
         if predict_images is not None:
             arrays.update(self._logits(predict_images, dtype, charge))
             arrays.update(self._inversion(message, predict_images))
+        arrays.update(self._class_means(message))
         config: dict = self._privacy_report(charge)
         if self.privacy is None:  # under DP only noised, accounted values go up
             config = {"num_samples": len(self.train), **{k: float(v) for k, v in metrics.items()}}
@@ -187,6 +192,17 @@ class ClientRuntime:
             raise ValueError(f"{type(self.model).__name__}.inversion_deltas broke its contract (shape, range [-2, 2])")
         return {"inversion_deltas": deltas.astype(np.float16)}
 
+    def _class_means(self, message: Message) -> dict[str, np.ndarray]:
+        """``class_means`` and ``class_mean_counts`` when the message asks for them; none under DP (they
+        would escape ε)."""
+        min_count = message.number("class_means_min_count", 0, 1_000_000, required=False, integer=True)
+        if not min_count or self.privacy is not None:
+            return {}
+        if min_count < 2:
+            raise MessageError("class_means_min_count must be at least 2: the mean of one image is that image")
+        means, counts = self.train.class_means(self.task.num_classes, int(min_count))
+        return {"class_means": means.astype(np.float16), "class_mean_counts": counts}
+
     def noise_rng(self, counter: int) -> np.random.Generator:
         """Randomness for DP noise that only this client holds.
 
@@ -209,6 +225,7 @@ class ClientRuntime:
         dtype = _logits_dtype(message)
         charge = self._charge(message, len(images))
         arrays = {**self._logits(images, dtype, charge), **self._inversion(message, images)}
+        arrays.update(self._class_means(message))
         config = {"num_samples": len(self.train)} if self.privacy is None else self._privacy_report(charge)
         return Message("predict_reply", config, arrays)
 

@@ -13,6 +13,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 from fedmmkt_plugins.aggregators.kd import KDAggregator
+from fedmmkt_plugins.algorithms.class_means import (
+    check_class_means,
+    class_means_request,
+    federation_class_means,
+    shifted_to_class_means,
+)
 from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
 from fedmmkt_plugins.algorithms.hardness import disagreement, entropy
 from fedmmkt_plugins.algorithms.inversion import check_inversion_deltas, inversion_request, nudged_images
@@ -90,6 +96,14 @@ class FedMMKT(Algorithm):
                     "base_fraction: 0 draws none; set base_fraction above 0 or fine_tune_on: all",
                 )
             )
+        if cfg.class_mean_shift and recipe.privacy is not None:
+            issues.append(
+                RecipeIssue(
+                    "algorithm.params.class_mean_shift",
+                    "class-mean feedback uploads each class's mean private image, which differential privacy neither "
+                    "noises nor counts in ε; set class_mean_shift: 0 or remove privacy",
+                )
+            )
         if cfg.inversion_steps and recipe.privacy is not None:
             issues.append(
                 RecipeIssue(
@@ -104,6 +118,11 @@ class FedMMKT(Algorithm):
     def asks_inversion(self) -> bool:
         """Whether the clients return inversion deltas: only when the clients' feedback trains the generator."""
         return self.update_generator and self.client_feedback and self.config.inversion_steps > 0
+
+    @property
+    def asks_class_means(self) -> bool:
+        """Whether the clients return their class means: only when the clients' feedback trains the generator."""
+        return self.update_generator and self.client_feedback and self.config.class_mean_shift > 0
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, ctx: ServerContext) -> None:
@@ -193,6 +212,7 @@ class FedMMKT(Algorithm):
         def check(client_id: int, reply: Message) -> None:
             self._check_logits(reply, len(images))
             check_inversion_deltas(reply, images.shape)
+            check_class_means(reply, (num_classes, *images.shape[1:]), cfg.class_mean_min_count)
 
         if labelled_first:
             messages = {k: self._predict_message(ctx, round_index, k, images, class_ids) for k in ctx.sampled}
@@ -211,10 +231,16 @@ class FedMMKT(Algorithm):
             messages = {k: self._fit_message(ctx, round_index, k, None) for k in ctx.sampled}
             fitted = ctx.exchange("fit", messages, expect="fit_reply")
         # inversion feedback: the adapter is fine-tuned on the images as the clients would change them
-        fine_tune_images, inversion_metrics = nudged_images(images, replies) if self.asks_inversion else (images, {})
+        fine_tune_images, feedback_metrics = nudged_images(images, replies) if self.asks_inversion else (images, {})
+        pooled = federation_class_means(replies) if self.asks_class_means else None
+        if pooled is not None:  # class-mean feedback: each class's images moved towards the clients' class mean
+            fine_tune_images, shift_metrics = shifted_to_class_means(
+                fine_tune_images, class_ids, *pooled, cfg.class_mean_shift
+            )
+            feedback_metrics.update(shift_metrics)
         batch = AlignmentBatch(fine_tune_images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
-            **inversion_metrics,
+            **feedback_metrics,
             **mean_train_loss(fitted),
             "synthetic_images": len(images),
             "alignment_rate": float(np.mean(batch.alignment >= cfg.alignment_threshold)),
@@ -380,14 +406,17 @@ class FedMMKT(Algorithm):
         one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
         return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
 
-    def _inversion_request(self, class_ids: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    def _feedback_request(self, class_ids: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a message that asks for labels adds: the inversion request and the class-means request."""
         steps = self.config.inversion_steps if self.asks_inversion else 0
-        return inversion_request(steps, self.config.inversion_step_size, class_ids)
+        config, arrays = inversion_request(steps, self.config.inversion_step_size, class_ids)
+        config.update(class_means_request(self.config.class_mean_min_count if self.asks_class_means else 0))
+        return config, arrays
 
     def _predict_message(
         self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray, class_ids: np.ndarray
     ) -> Message:
-        config, arrays = self._inversion_request(class_ids)
+        config, arrays = self._feedback_request(class_ids)
         config.update(seed=ctx.seed_for("predict", round_index, client_id), logits_dtype=self.config.logits_dtype)
         return Message("predict", config, {"images": images, **arrays})
 
@@ -411,7 +440,7 @@ class FedMMKT(Algorithm):
         }
         arrays = {} if images is None else {"predict_images": images}
         if images is not None and class_ids is not None:
-            request, request_arrays = self._inversion_request(class_ids)
+            request, request_arrays = self._feedback_request(class_ids)
             config.update(request)
             arrays.update(request_arrays)
         if self.previous is not None:

@@ -103,6 +103,18 @@ class FedMMKTConfig(ComponentConfig):
     inversion_step_size: float = Field(
         0.2, gt=0, le=2, description="inversion feedback: each image's total root-mean-square change, [-1, 1] scale"
     )
+    class_mean_shift: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="class-mean feedback: with λ > 0 every client also returns the mean private image of each class "
+        "it holds at least class_mean_min_count images of; the server pools them by count (μ_c) and fine-tunes the "
+        "adapter on its images moved by λ·(μ_c - the round's mean image of class c). An unnoised average of "
+        "private images: refused with privacy. 0: off",
+    )
+    class_mean_min_count: int = Field(
+        20, ge=2, le=1_000_000, description="class-mean feedback: a client withholds a class with fewer images"
+    )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
     grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
