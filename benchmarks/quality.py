@@ -76,9 +76,9 @@ EARLIER_SAMPLING = {"num_inference_steps": 10, "guidance_scale": 3.0, "adapter_g
 # FedMMKT's settings of who draws the transfer set, which of it the clients distil on and what the adapter trains on
 TRANSFER_FIELDS = ("base_fraction", "transfer_policy", "transfer_candidates", "transfer_selection", "fine_tune_on")
 # what FedMMKT's adapter is fine-tuned on beyond the clients' labels (the frozen arm, the control and the ceiling
-# never ask for the clients' inversion deltas, so these never change their figures)
-INVERSION_FIELDS = ("inversion_steps", "inversion_step_size")
-FEDMMKT_FIELDS = (*TRANSFER_FIELDS, *INVERSION_FIELDS)  # what a FedMMKT run and the recipe record
+# never ask for the clients' inversion deltas or class means, so these never change their figures)
+FEEDBACK_FIELDS = ("inversion_steps", "inversion_step_size", "class_mean_shift", "class_mean_min_count")
+FEDMMKT_FIELDS = (*TRANSFER_FIELDS, *FEEDBACK_FIELDS)  # what a FedMMKT run and the recipe record
 # FedDF's baselines distil on every image they draw (textbook), so they never take FedMMKT's hard-sample selection
 SELECTION_FIELDS = ("transfer_candidates", "transfer_selection")
 # whose transfer set which of those fields set: the ceiling generator draws every image itself, so only the
