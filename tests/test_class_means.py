@@ -109,8 +109,8 @@ def test_a_client_returns_its_class_means_when_asked_and_never_under_dp():
     assert MEANS not in runtime().handle(Message("fit", {"seed": 0}, {"predict_images": images})).arrays
     private = runtime(SoftLabelPrivacy(noise_multiplier=1.0)).handle(fit(12))
     assert set(private.arrays) == {"logits"}  # under DP only the noised, accounted logits go up
-    with pytest.raises(MessageError, match="at least 2"):
-        runtime().handle(fit(1))
+    with pytest.raises(MessageError, match="at least 10"):  # whatever a server asks
+        runtime().handle(fit(9))
 
 
 def test_a_recipe_with_dp_refuses_class_mean_feedback():
@@ -135,7 +135,7 @@ def test_fedmmkt_fine_tunes_on_its_images_moved_towards_the_clients_class_means(
     monkeypatch.setattr(SDLoraGenerator, "fine_tune", spy_fine_tune)
     overrides = [
         "algorithm.params.class_mean_shift=1.0",
-        "algorithm.params.class_mean_min_count=2",
+        "algorithm.params.class_mean_min_count=10",
         "algorithm.params.replay_buffer=0",
     ]
     Runner(parse_recipe(RECIPE, overrides=overrides), tmp_path / "run").run()

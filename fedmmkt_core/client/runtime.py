@@ -26,7 +26,8 @@ training. Never under DP (they are not noised or counted in ε), nor by a model 
 
 Class means (``fit`` and ``predict``): config ``class_means_min_count`` k > 0 asks for ``class_means``
 float16 ``[C, H, W, ch]`` (the mean private image of each class with at least k images, [-1, 1] scale;
-zeros otherwise) and ``class_mean_counts`` int64 ``[C]`` (0 where withheld). Never under DP.
+zeros otherwise) and ``class_mean_counts`` int64 ``[C]`` (0 where withheld). Never under DP; a k below
+``MIN_CLASS_MEAN_IMAGES`` (10) is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ CLIENT_SECRET_ENV = "FEDMMKT_CLIENT_SECRET"
 
 MAX_SYNTHETIC_IMAGES = 100_000
 MAX_INVERSION_STEPS = 100
+# A client never uploads the mean of fewer private images than this, whatever a server asks: a mean of a
+# handful of images is close to the images themselves.
+MIN_CLASS_MEAN_IMAGES = 10
 # Logits may travel as float16: half the upload, and soft labels need no more precision.
 LOGIT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -198,8 +202,11 @@ class ClientRuntime:
         min_count = message.number("class_means_min_count", 0, 1_000_000, required=False, integer=True)
         if not min_count or self.privacy is not None:
             return {}
-        if min_count < 2:
-            raise MessageError("class_means_min_count must be at least 2: the mean of one image is that image")
+        if min_count < MIN_CLASS_MEAN_IMAGES:
+            raise MessageError(
+                f"class_means_min_count must be at least {MIN_CLASS_MEAN_IMAGES}: a client never uploads the mean of "
+                "fewer private images"
+            )
         means, counts = self.train.class_means(self.task.num_classes, int(min_count))
         return {"class_means": means.astype(np.float16), "class_mean_counts": counts}
 

@@ -10,7 +10,7 @@ mean (before clipping to the pixel range); their variation is the generator's ow
 
 What it reveals: an average of at least ``class_mean_min_count`` of a client's images per class, not
 noised. Differential privacy does not cover it: a recipe with ``privacy`` refuses it and a client under
-its own DP withholds it. A small k (or a class with few images) makes the mean close to single images.
+its own DP withholds it. A client never averages fewer than 10 images, whatever a server asks.
 """
 
 from __future__ import annotations

@@ -113,7 +113,11 @@ class FedMMKTConfig(ComponentConfig):
         "private images: refused with privacy. 0: off",
     )
     class_mean_min_count: int = Field(
-        20, ge=2, le=1_000_000, description="class-mean feedback: a client withholds a class with fewer images"
+        20,
+        ge=10,
+        le=1_000_000,
+        description="class-mean feedback: a client withholds a class with fewer images (and never averages fewer than "
+        "10, whatever a server asks)",
     )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
