@@ -13,15 +13,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 from fedmmkt_plugins.aggregators.kd import KDAggregator
-from fedmmkt_plugins.algorithms.class_means import (
-    check_class_means,
-    class_means_request,
-    federation_class_means,
-    shifted_to_class_means,
-)
 from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
+from fedmmkt_plugins.algorithms.feedback import check_feedback, feedback_request, fine_tune_images, privacy_issues
 from fedmmkt_plugins.algorithms.hardness import disagreement, entropy
-from fedmmkt_plugins.algorithms.inversion import check_inversion_deltas, inversion_request, nudged_images
 from fedmmkt_plugins.algorithms.replies import MAX_ABS_LOGIT, MAX_SITE_NOISE_FACTOR, check_logits
 
 from fedmmkt_core.cache import cache_dir
@@ -96,22 +90,7 @@ class FedMMKT(Algorithm):
                     "base_fraction: 0 draws none; set base_fraction above 0 or fine_tune_on: all",
                 )
             )
-        if cfg.class_mean_shift and recipe.privacy is not None:
-            issues.append(
-                RecipeIssue(
-                    "algorithm.params.class_mean_shift",
-                    "class-mean feedback uploads each class's mean private image, which differential privacy neither "
-                    "noises nor counts in ε; set class_mean_shift: 0 or remove privacy",
-                )
-            )
-        if cfg.inversion_steps and recipe.privacy is not None:
-            issues.append(
-                RecipeIssue(
-                    "algorithm.params.inversion_steps",
-                    "inversion feedback uploads image-sized changes that differential privacy neither noises nor "
-                    "counts in ε; set inversion_steps: 0 or remove privacy",
-                )
-            )
+        issues += privacy_issues(cfg, recipe)
         return issues
 
     @property
@@ -211,8 +190,7 @@ class FedMMKT(Algorithm):
 
         def check(client_id: int, reply: Message) -> None:
             self._check_logits(reply, len(images))
-            check_inversion_deltas(reply, images.shape)
-            check_class_means(reply, (num_classes, *images.shape[1:]), cfg.class_mean_min_count)
+            check_feedback(reply, images.shape, num_classes, cfg)
 
         if labelled_first:
             messages = {k: self._predict_message(ctx, round_index, k, images, class_ids) for k in ctx.sampled}
@@ -230,15 +208,11 @@ class FedMMKT(Algorithm):
         if labelled_first:
             messages = {k: self._fit_message(ctx, round_index, k, None) for k in ctx.sampled}
             fitted = ctx.exchange("fit", messages, expect="fit_reply")
-        # inversion feedback: the adapter is fine-tuned on the images as the clients would change them
-        fine_tune_images, feedback_metrics = nudged_images(images, replies) if self.asks_inversion else (images, {})
-        pooled = federation_class_means(replies) if self.asks_class_means else None
-        if pooled is not None:  # class-mean feedback: each class's images moved towards the clients' class mean
-            fine_tune_images, shift_metrics = shifted_to_class_means(
-                fine_tune_images, class_ids, *pooled, cfg.class_mean_shift
-            )
-            feedback_metrics.update(shift_metrics)
-        batch = AlignmentBatch(fine_tune_images, prompts, class_ids, soft_labels, self.class_prompts)
+        # data feedback: the adapter is fine-tuned on the images as the clients would change them
+        adapter_images, feedback_metrics = fine_tune_images(
+            images, class_ids, replies, self.asks_inversion, cfg.class_mean_shift if self.asks_class_means else 0.0
+        )
+        batch = AlignmentBatch(adapter_images, prompts, class_ids, soft_labels, self.class_prompts)
         metrics: dict[str, Any] = {
             **feedback_metrics,
             **mean_train_loss(fitted),
@@ -407,11 +381,7 @@ class FedMMKT(Algorithm):
         return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
 
     def _feedback_request(self, class_ids: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
-        """What a message that asks for labels adds: the inversion request and the class-means request."""
-        steps = self.config.inversion_steps if self.asks_inversion else 0
-        config, arrays = inversion_request(steps, self.config.inversion_step_size, class_ids)
-        config.update(class_means_request(self.config.class_mean_min_count if self.asks_class_means else 0))
-        return config, arrays
+        return feedback_request(self.config, self.asks_inversion, self.asks_class_means, class_ids)
 
     def _predict_message(
         self, ctx: ServerContext, round_index: int, client_id: int, images: np.ndarray, class_ids: np.ndarray
