@@ -14,8 +14,8 @@ from fedmmkt_plugins.algorithms.class_means import (
     shifted_to_class_means,
 )
 from fedmmkt_plugins.clients.cnn import CNNClient, CNNConfig
-from fedmmkt_plugins.generators.sd_lora import SDLoraGenerator
 from test_fedmmkt import RECIPE
+from test_inversion import spy_on_the_generator
 
 from fedmmkt_core.client import ClientRuntime
 from fedmmkt_core.data import ImageSet
@@ -119,20 +119,7 @@ def test_a_recipe_with_dp_refuses_class_mean_feedback():
 
 
 def test_fedmmkt_fine_tunes_on_its_images_moved_towards_the_clients_class_means(tmp_path, monkeypatch):
-    generated, trained = [], []
-    generate, fine_tune = SDLoraGenerator.generate, SDLoraGenerator.fine_tune
-
-    def spy_generate(self, prompts, seeds):
-        images = generate(self, prompts, seeds)
-        generated.append(images)
-        return images
-
-    def spy_fine_tune(self, batch, losses, seed):
-        trained.append((batch.images.copy(), batch.class_ids.copy()))
-        return fine_tune(self, batch, losses, seed)
-
-    monkeypatch.setattr(SDLoraGenerator, "generate", spy_generate)
-    monkeypatch.setattr(SDLoraGenerator, "fine_tune", spy_fine_tune)
+    generated, trained = spy_on_the_generator(monkeypatch)
     overrides = [
         "algorithm.params.class_mean_shift=1.0",
         "algorithm.params.class_mean_min_count=10",
@@ -142,7 +129,7 @@ def test_fedmmkt_fine_tunes_on_its_images_moved_towards_the_clients_class_means(
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["class_mean_classes"] >= 1 and row["class_mean_rms_grey_levels"] > 1 for row in rows)
     drawn = generated[1]  # round 1's transfer set (generated[0] is the initial evaluation set)
-    images, class_ids = trained[0]
+    images = trained[0].images
     assert images.shape == drawn.shape and not np.array_equal(images, drawn)
     frozen = tmp_path / "frozen"
     Runner(parse_recipe(RECIPE, overrides=["algorithm.name=fedmmkt-frozen-generator", *overrides]), frozen).run()

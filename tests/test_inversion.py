@@ -153,7 +153,8 @@ def test_a_recipe_with_dp_refuses_inversion_feedback():
         )
 
 
-def test_fedmmkt_fine_tunes_on_the_images_as_the_clients_would_change_them(tmp_path, monkeypatch):
+def spy_on_the_generator(monkeypatch) -> tuple[list, list]:
+    """Record every batch of images the generator draws and every batch it is fine-tuned on (a copy)."""
     generated, trained = [], []
     generate, fine_tune = SDLoraGenerator.generate, SDLoraGenerator.fine_tune
 
@@ -163,17 +164,23 @@ def test_fedmmkt_fine_tunes_on_the_images_as_the_clients_would_change_them(tmp_p
         return images
 
     def spy_fine_tune(self, batch, losses, seed):
-        trained.append(batch.images.copy())
+        trained.append(batch.subset(np.arange(len(batch))))
         return fine_tune(self, batch, losses, seed)
 
     monkeypatch.setattr(SDLoraGenerator, "generate", spy_generate)
     monkeypatch.setattr(SDLoraGenerator, "fine_tune", spy_fine_tune)
+    return generated, trained
+
+
+def test_fedmmkt_fine_tunes_on_the_images_as_the_clients_would_change_them(tmp_path, monkeypatch):
+    generated, batches = spy_on_the_generator(monkeypatch)
     overrides = ["algorithm.params.inversion_steps=2", "algorithm.params.replay_buffer=0"]
     Runner(parse_recipe(RECIPE, overrides=overrides), tmp_path / "run").run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["inversion_clients"] for row in rows] == [3.0, 3.0]
     assert all(row["inversion_rms_grey_levels"] > 1 for row in rows)
     drawn = generated[1]  # round 1's transfer set (generated[0] is the initial evaluation set)
+    trained = [batch.images for batch in batches]
     assert len(trained) == 2 and trained[0].shape == drawn.shape
     change = trained[0].astype(np.float64) - drawn
     assert 1 < np.abs(change).mean() < 30  # the moved images, a nudge of the drawn ones
