@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import RESULTS, atomic_write_json, earlier_commits, machine, merged_machine, set_threads, spread
-from .quality import CLIENT_SETS, overrides_for
+from .quality import CLIENT_SETS, clients_of, overrides_for
 
 # the demo recipe's hard-sample selection and guidance, which both arms of its loop share
 DEMO_SELECTION = [
@@ -164,7 +164,21 @@ VARIANTS: dict[str, list[str]] = {
     "fine_tune_snr_gamma=5": ["generator.params.fine_tune_snr_gamma=5.0"],
     "lora_rank=4": ["generator.params.lora.rank=4", "generator.params.lora.alpha=4.0"],
     "alignment_threshold=0.7": ['alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.7}}]'],
+    # at α = 0.1 a client holds 4 to 200 private images, and an epoch was one pass over them: the clients that
+    # need the synthetic set most (least data, fewest classes) distilled on it least. epoch_steps=longer makes
+    # an epoch one pass over the longer of the two sets, for every client (CLIENT_PARAMS)
+    **{
+        f"{arm}epoch_steps=longer": source
+        for arm, source in (
+            ("", []),
+            ("frozen-generator,", ["algorithm.name=fedmmkt-frozen-generator"]),
+            ("ceiling-generator,", ["algorithm.name=fedmmkt-ceiling-generator"]),
+            ("class_means=1.0,", ["algorithm.params.class_mean_shift=1.0"]),
+        )
+    },
 }
+# variants that also change every client group's parameters (merged into each group of the client set)
+CLIENT_PARAMS: dict[str, dict[str, Any]] = {v: {"epoch_steps": "longer"} for v in VARIANTS if "epoch_steps=longer" in v}
 BY_ROUND = ["client_accuracy_mean", "generator_cas", "generator_fid"]
 METRICS = [
     "client_accuracy_mean",
@@ -202,6 +216,12 @@ def run_variant(recipe_path: Path, client_set: str, alpha: float, seed: int, var
 
     overrides = overrides_for(client_set, alpha, seed, "fedmmkt", rounds, recipe_path)
     overrides += ["data.evaluate_on=validation", *VARIANTS[variant]]
+    if variant in CLIENT_PARAMS:
+        groups = [
+            {**g, "params": {**g.get("params", {}), **CLIENT_PARAMS[variant]}}
+            for g in clients_of(client_set, recipe_path)
+        ]
+        overrides.append(f"clients={json.dumps(groups)}")
     if variant.startswith("feddf"):  # FedDF takes FedMMKT's transfer-set settings, not its server-knowledge targets
         overrides += ["algorithm.params.client_targets=ensemble"]
     recipe = load_recipe(recipe_path, overrides)

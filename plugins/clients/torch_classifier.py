@@ -29,6 +29,12 @@ class TorchClassifierConfig(ComponentConfig):
     lr: float = Field(1e-3, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adam", "sgd"] = "adam"
+    epoch_steps: Literal["private", "longer"] = Field(
+        "private",
+        description="steps in a local epoch. private: one pass over the private data, the KD batches cycling "
+        "through the synthetic set alongside (a client with little data distils little); longer: one pass over "
+        "the longer of the private data and the synthetic set, the shorter cycling",
+    )
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
 
 
@@ -81,12 +87,15 @@ class TorchClassifier(ClientModel):
         soft_labels = torch.from_numpy(distill.soft_labels).to(self.device) if distill is not None else None
         n = len(train)
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+        if cfg.epoch_steps == "longer" and distill is not None and distill.weight > 0:
+            steps_per_epoch = max(steps_per_epoch, (len(distill.images) + cfg.batch_size - 1) // cfg.batch_size)
         total_loss, total_kd, steps = 0.0, 0.0, 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=generator)
             distill_order = torch.randperm(len(distill.images), generator=generator) if distill is not None else None
             for step in range(steps_per_epoch):
-                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                first = (step * cfg.batch_size) % n if n else 0  # wraps only when the synthetic set is longer
+                idx = order[first : first + cfg.batch_size]
                 logits = self.net(take_train(idx))
                 loss = F.cross_entropy(logits, labels[idx])
                 kd_value = 0.0
