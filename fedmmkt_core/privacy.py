@@ -86,6 +86,10 @@ class SitePrivacy(BaseModel):
     ``FEDMMKT_DP_MAX_EPSILON``) and, on Flower, its node config (``dp-noise-multiplier``,
     ``dp-delta``, ``dp-max-epsilon``); where both are set, the stricter value. A site that sets a
     noise multiplier runs under DP even when the recipe has no privacy section.
+
+    ``class_mean_min_images`` (``FEDMMKT_CLASS_MEAN_MIN_IMAGES``, node config ``class-mean-min-images``):
+    the site's own floor for class-mean feedback; the client never uploads the mean of a class with fewer
+    private images, whatever the server asks (a floor above the client's largest class withholds them all).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -93,16 +97,19 @@ class SitePrivacy(BaseModel):
     noise_multiplier: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
     max_epsilon: float | None = Field(None, gt=0)
+    class_mean_min_images: int | None = Field(None, ge=1)
 
     ENV: ClassVar[dict[str, str]] = {
         "noise_multiplier": "FEDMMKT_DP_NOISE_MULTIPLIER",
         "delta": "FEDMMKT_DP_DELTA",
         "max_epsilon": "FEDMMKT_DP_MAX_EPSILON",
+        "class_mean_min_images": "FEDMMKT_CLASS_MEAN_MIN_IMAGES",
     }
     NODE_CONFIG: ClassVar[dict[str, str]] = {
         "noise_multiplier": "dp-noise-multiplier",
         "delta": "dp-delta",
         "max_epsilon": "dp-max-epsilon",
+        "class_mean_min_images": "class-mean-min-images",
     }
 
     @classmethod
@@ -136,6 +143,7 @@ class SitePrivacy(BaseModel):
             noise_multiplier=_pick(max, self.noise_multiplier, other.noise_multiplier),
             delta=_pick(min, self.delta, other.delta),
             max_epsilon=_pick(min, self.max_epsilon, other.max_epsilon),
+            class_mean_min_images=_pick(max, self.class_mean_min_images, other.class_mean_min_images),
         )
 
     def apply(self, recipe: SoftLabelPrivacy | None) -> SoftLabelPrivacy | None:

@@ -135,3 +135,26 @@ def test_fedmmkt_fine_tunes_on_its_images_moved_towards_the_clients_class_means(
     Runner(parse_recipe(RECIPE, overrides=["algorithm.name=fedmmkt-frozen-generator", *overrides]), frozen).run()
     rows = [json.loads(line) for line in (frozen / "metrics.jsonl").read_text().splitlines()]
     assert all("class_mean_classes" not in row for row in rows)  # the frozen arm never asks for them
+
+
+def test_a_site_s_own_floor_withholds_classes_whatever_the_server_asks(monkeypatch):
+    from fedmmkt_core.client import ClientFactory
+    from fedmmkt_core.errors import UserError
+    from fedmmkt_core.privacy import SitePrivacy
+
+    site = SitePrivacy.read({"class-mean-min-images": 30}, environ={"FEDMMKT_CLASS_MEAN_MIN_IMAGES": "25"})
+    assert site.class_mean_min_images == 30  # the stricter (larger) of node config and environment
+    with pytest.raises(UserError, match="FEDMMKT_CLASS_MEAN_MIN_IMAGES"):
+        SitePrivacy.read({}, environ={"FEDMMKT_CLASS_MEAN_MIN_IMAGES": "12.5"})
+
+    recipe = parse_recipe(RECIPE, overrides=["algorithm.params.class_mean_shift=1.0"])
+    ask = Message("fit", {"seed": 0, "class_means_min_count": 20}, {})
+    sizes = {}
+    for floor in (None, 30, 10_000):
+        client = ClientFactory(recipe, site=SitePrivacy(class_mean_min_images=floor)).build(0)
+        counts = client.handle(ask).array(COUNTS, np.int64, (10,))
+        held = np.bincount(client.train.labels, minlength=10)
+        least = max(20, floor or 0)
+        assert counts.tolist() == [n if n >= least else 0 for n in held]
+        sizes[floor] = int((counts > 0).sum())
+    assert sizes[None] > sizes[30] and sizes[10_000] == 0  # a floor above every class withholds them all

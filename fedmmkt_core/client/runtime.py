@@ -74,9 +74,12 @@ class ClientRuntime:
         privacy: SoftLabelPrivacy | None = None,
         secret: str | None = None,
         ledger: PrivacyLedger | None = None,
+        class_mean_floor: int = MIN_CLASS_MEAN_IMAGES,
     ):
         """``ledger``: where this client's DP uploads are charged (under ``privacy``); backends pass one
-        kept with the client's state, the default lives only as long as this object."""
+        kept with the client's state, the default lives only as long as this object.
+        ``class_mean_floor``: the site's least class size for class-mean feedback (never below
+        ``MIN_CLASS_MEAN_IMAGES``)."""
         self.client_id = client_id
         self._secret = secret
         self.model = model
@@ -85,6 +88,7 @@ class ClientRuntime:
         self.task = task
         self.fault = fault
         self.privacy = privacy
+        self.class_mean_floor = max(MIN_CLASS_MEAN_IMAGES, int(class_mean_floor))
         self.ledger = ledger if ledger is not None or privacy is None else PrivacyLedger()
         self.weights_changed = False
         self.abandoned = threading.Event()  # set by a backend that stopped waiting for this client
@@ -207,7 +211,7 @@ class ClientRuntime:
                 f"class_means_min_count must be at least {MIN_CLASS_MEAN_IMAGES}: a client never uploads the mean of "
                 "fewer private images"
             )
-        means, counts = self.train.class_means(self.task.num_classes, int(min_count))
+        means, counts = self.train.class_means(self.task.num_classes, max(int(min_count), self.class_mean_floor))
         return {"class_means": means.astype(np.float16), "class_mean_counts": counts}
 
     def noise_rng(self, counter: int) -> np.random.Generator:

@@ -18,6 +18,9 @@ Node config (``flower-supernode --node-config``):
                    this site's own privacy settings and budget (also from the node's environment,
                    ``FEDMMKT_DP_*``): the client runs under the stricter of these and the recipe's
                    (:class:`~fedmmkt_core.privacy.SitePrivacy`)
+``class-mean-min-images``
+                   this site's least class size for class-mean feedback (also
+                   ``FEDMMKT_CLASS_MEAN_MIN_IMAGES``): the client never uploads a smaller class's mean
 
 Run config (written by :func:`~.packaging.client_run_config`): ``client-recipe``, the node's recipe
 (no server settings), and ``client-privacy``, the recipe's privacy section (JSON; empty without DP),
