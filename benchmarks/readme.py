@@ -506,9 +506,9 @@ DEMO_CLASS_MEANS_STUDY = (
     "Validation split and the selection oracle, 6 rounds (the recipe's length), Dirichlet α = 0.1 (each client holds "
     "few classes): the demo recipe with the typeset recipe's class-mean feedback (`class_means=1.0`: every client "
     "also returns the mean image of each class it holds at least 20 images of; the adapter fine-tunes on the base's "
-    "images moved to the federation's class means) and the recipe's frozen arm. Exploration, seeds 0–2 only (the "
-    "session's time ran out; three seeds cannot rank settings, so no choice is made on them and the demo recipe does "
-    "not take it). Measured at commit b11f1fa.",
+    "images moved to the federation's class means) and the recipe's frozen arm. Exploration with a criterion written "
+    "before any seed (a lead if the loop's mean is at least +2 points with its interval above 0); not met, the demo "
+    "recipe does not take it. Measured at commit b11f1fa (seeds 0–2 in one session, 3–4 in the next).",
 )
 
 
