@@ -88,19 +88,20 @@ def test_fit_converting_the_whole_set_once_equals_converting_batch_by_batch(monk
 def test_longer_epochs_cover_the_synthetic_set_once_however_little_private_data():
     from fedmmkt_core.data import DistillSet, ImageSet
 
-    data, task = digits_sample(50)
-    private = ImageSet(data.images[:10], data.labels[:10])
-    distill = DistillSet(data.images[10:50], np.full((40, 10), 0.1, np.float32), 1.0, 1.0)
-    seen: dict[str, list[int]] = {}
-    for epoch_steps in ("private", "longer"):
-        client = ResNetClient(
-            ResNetClientConfig.model_validate({"epochs": 2, "batch_size": 8, "epoch_steps": epoch_steps})
-        )
+    data, task = digits_sample(150)
+    distill = DistillSet(data.images[:80], np.full((80, 10), 0.1, np.float32), 1.0, 1.0)
+    seen: dict[tuple[str, int], list[int]] = {}
+    # 10 private images: fewer than a batch; 33: a wrapped slice would hold one image (BatchNorm cannot train on it)
+    for epoch_steps, n in (("private", 10), ("longer", 10), ("longer", 33)):
+        private = ImageSet(data.images[80 : 80 + n], data.labels[80 : 80 + n])
+        config = {"epochs": 2, "batch_size": 16, "epoch_steps": epoch_steps}
+        client = ResNetClient(ResNetClientConfig.model_validate(config))
         client.build(task, seed=0)
-        sizes = seen.setdefault(epoch_steps, [])
+        sizes = seen.setdefault((epoch_steps, n), [])
         client.net.register_forward_pre_hook(lambda _module, args, sizes=sizes: sizes.append(len(args[0])))
         client.fit(private, distill, seed=1)
-    # each step is one private batch then one synthetic batch; 10 private images, 40 synthetic, batches of 8
-    assert seen["private"][0::2] == [8, 2] * 2 and seen["private"][1::2] == [8, 8] * 2
-    assert seen["longer"][1::2] == [8] * 10  # all 40 synthetic images every epoch
-    assert seen["longer"][0::2] == [8, 2, 4, 6, 8] * 2  # the private data cycles alongside
+    # each step is one private batch then one synthetic batch; 80 synthetic images, batches of 16
+    assert seen["private", 10][0::2] == [10, 10] and seen["private", 10][1::2] == [16, 16]
+    for n in (10, 33):
+        assert seen["longer", n][1::2] == [16] * 10  # all 80 synthetic images every epoch
+        assert seen["longer", n][0::2] == [min(n, 16)] * 10  # full batches of the private data, cycling

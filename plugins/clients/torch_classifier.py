@@ -89,20 +89,25 @@ class TorchClassifier(ClientModel):
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
         if cfg.epoch_steps == "longer" and distill is not None and distill.weight > 0:
             steps_per_epoch = max(steps_per_epoch, (len(distill.images) + cfg.batch_size - 1) // cfg.batch_size)
+        longer = cfg.epoch_steps == "longer"
         total_loss, total_kd, steps = 0.0, 0.0, 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=generator)
             distill_order = torch.randperm(len(distill.images), generator=generator) if distill is not None else None
             for step in range(steps_per_epoch):
-                first = (step * cfg.batch_size) % n if n else 0  # wraps only when the synthetic set is longer
-                idx = order[first : first + cfg.batch_size]
+                if longer:
+                    idx = _cycled_batch(order, step, cfg.batch_size, steps_per_epoch)
+                else:
+                    idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 logits = self.net(take_train(idx))
                 loss = F.cross_entropy(logits, labels[idx])
                 kd_value = 0.0
                 if distill is not None and distill.weight > 0:
-                    m = len(distill.images)
-                    start = (step * cfg.batch_size) % m
-                    didx = distill_order[start : start + cfg.batch_size]
+                    if longer:
+                        didx = _cycled_batch(distill_order, step, cfg.batch_size, steps_per_epoch)
+                    else:
+                        start = (step * cfg.batch_size) % len(distill.images)
+                        didx = distill_order[start : start + cfg.batch_size]
                     student = self.net(take_distill(didx))
                     target = soft_labels[didx]
                     t = distill.temperature
@@ -184,6 +189,17 @@ class TorchClassifier(ClientModel):
             if tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(f"weight '{key}' has shape {tuple(value.shape)}, model has {tuple(own[key].shape)}")
         self.net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+
+
+def _cycled_batch(order: Any, step: int, batch_size: int, steps_per_epoch: int) -> Any:
+    """Step ``step``'s indices from a set in ``order``: consecutive slices while one pass covers the epoch;
+    when the epoch is longer than the set, full batches of ``min(batch_size, len(order))`` wrapping around it
+    (a wrapped slice could hold a single image, on which BatchNorm cannot train)."""
+    n = len(order)
+    if n == 0 or steps_per_epoch <= -(-n // batch_size):
+        return order[step * batch_size : (step + 1) * batch_size]
+    size = min(batch_size, n)
+    return order[(step * size + torch.arange(size)) % n]
 
 
 def _unit_rms(gradient: Any) -> Any:
