@@ -520,8 +520,9 @@ EPOCH_STEPS_STUDY = (
     "`epoch_steps=longer` sets every client's `epoch_steps: longer`: an epoch is one pass over the longer of the "
     "private data and the synthetic set, the shorter cycling in full batches. Its arms: the recipe's FedMMKT, its "
     "frozen-generator control, and the pooled-real ceiling generator, each with longer epochs; `frozen-generator` "
-    "(the clients' default epochs) is class-means-digits.json's arm, measured at commit b11f1fa. Criteria written before any seed (the loop under longer epochs at least +2 points with its "
-    "interval above 0; the frozen arm's clients not worse). Measured at commit 3a0b4c1 (an earlier worktree's "
+    "(the clients' default epochs) is class-means-digits.json's arm, measured at commit b11f1fa. Criteria written "
+    "before any seed (the loop under longer epochs at least +2 points with its interval above 0; the frozen arm's "
+    "clients not worse). Measured at commit 3a0b4c1 (an earlier worktree's "
     "runs, in which a cycled batch of one image failed a ResNet client's every round, were discarded).",
 )
 
