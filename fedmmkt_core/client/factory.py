@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedmmkt_core.client.folder import ClientFolder, read_client_folder, write_client_folder
-from fedmmkt_core.client.runtime import CLIENT_SECRET_ENV, MIN_CLASS_MEAN_IMAGES, ClientRuntime
+from fedmmkt_core.client.runtime import CLIENT_SECRET_ENV, ClientRuntime
 from fedmmkt_core.data import ImageSet, TaskSpec
 from fedmmkt_core.errors import DataError, UserError
 from fedmmkt_core.interfaces import ClientModel
@@ -136,7 +136,7 @@ class ClientFactory:
             privacy=self.site.apply(self.privacy),
             secret=self.secret,
             ledger=ledger,
-            class_mean_floor=self.site.class_mean_min_images or MIN_CLASS_MEAN_IMAGES,
+            class_mean_floor=self.site.class_mean_min_images,
         )
 
 

@@ -74,7 +74,7 @@ class ClientRuntime:
         privacy: SoftLabelPrivacy | None = None,
         secret: str | None = None,
         ledger: PrivacyLedger | None = None,
-        class_mean_floor: int = MIN_CLASS_MEAN_IMAGES,
+        class_mean_floor: int | None = None,
     ):
         """``ledger``: where this client's DP uploads are charged (under ``privacy``); backends pass one
         kept with the client's state, the default lives only as long as this object.
@@ -88,7 +88,7 @@ class ClientRuntime:
         self.task = task
         self.fault = fault
         self.privacy = privacy
-        self.class_mean_floor = max(MIN_CLASS_MEAN_IMAGES, int(class_mean_floor))
+        self.class_mean_floor = max(MIN_CLASS_MEAN_IMAGES, int(class_mean_floor or 0))
         self.ledger = ledger if ledger is not None or privacy is None else PrivacyLedger()
         self.weights_changed = False
         self.abandoned = threading.Event()  # set by a backend that stopped waiting for this client

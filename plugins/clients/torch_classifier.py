@@ -87,18 +87,15 @@ class TorchClassifier(ClientModel):
         soft_labels = torch.from_numpy(distill.soft_labels).to(self.device) if distill is not None else None
         n = len(train)
         steps_per_epoch = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
-        if cfg.epoch_steps == "longer" and distill is not None and distill.weight > 0:
-            steps_per_epoch = max(steps_per_epoch, (len(distill.images) + cfg.batch_size - 1) // cfg.batch_size)
         longer = cfg.epoch_steps == "longer"
+        if longer and distill is not None and distill.weight > 0:
+            steps_per_epoch = max(steps_per_epoch, (len(distill.images) + cfg.batch_size - 1) // cfg.batch_size)
         total_loss, total_kd, steps = 0.0, 0.0, 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=generator)
             distill_order = torch.randperm(len(distill.images), generator=generator) if distill is not None else None
             for step in range(steps_per_epoch):
-                if longer:
-                    idx = _cycled_batch(order, step, cfg.batch_size, steps_per_epoch)
-                else:
-                    idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                idx = _cycled_batch(order, step, cfg.batch_size, steps_per_epoch)  # a plain slice unless longer
                 logits = self.net(take_train(idx))
                 loss = F.cross_entropy(logits, labels[idx])
                 kd_value = 0.0
