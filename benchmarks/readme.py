@@ -524,7 +524,12 @@ EPOCH_STEPS_STUDY = (
     "(the clients' default epochs) is class-means-digits.json's arm, measured at commit b11f1fa. Criteria written "
     "before any seed (the loop under longer epochs at least +2 points with its interval above 0; the frozen arm's "
     "clients not worse). Measured at commit 3a0b4c1 (an earlier worktree's "
-    "runs, in which a cycled batch of one image failed a ResNet client's every round, were discarded).",
+    "runs, in which a cycled batch of one image failed a ResNet client's every round, were discarded). Two "
+    "generator-side arms added after all of these were read, with their own criterion written before their first "
+    "seed (a lead if the loop is at least +2 points with its interval above 0): class-mean feedback with twice the "
+    "adapter's steps a round (`fine_tune_steps=300`; the cap of 30 passes over the pool binds it until round 4) and "
+    "with the adapter supplying three quarters of the candidates (`base_fraction=0.25`), measured at commit a5c8ddd "
+    "(the same library code as 3a0b4c1; it adds the two variants).",
 )
 
 
