@@ -184,6 +184,15 @@ VARIANTS: dict[str, list[str]] = {
                 "class_means=1.0,base_fraction=0.25,",
                 ["algorithm.params.class_mean_shift=1.0", "algorithm.params.base_fraction=0.25"],
             ),
+            # the adapter learns only from round 3 or 4: its pool is the images the clients recognise (a_j >= 0.5),
+            # which untrained clients do not; the class means need no trained client, so keep every base image
+            (
+                "class_means=1.0,alignment_threshold=0,",
+                [
+                    "algorithm.params.class_mean_shift=1.0",
+                    'alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.0}}]',
+                ],
+            ),
         )
     },
 }
