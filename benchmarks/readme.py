@@ -529,7 +529,9 @@ EPOCH_STEPS_STUDY = (
     "seed (a lead if the loop is at least +2 points with its interval above 0): class-mean feedback with twice the "
     "adapter's steps a round (`fine_tune_steps=300`; the cap of 30 passes over the pool binds it until round 4) and "
     "with the adapter supplying three quarters of the candidates (`base_fraction=0.25`), measured at commit a5c8ddd "
-    "(the same library code as 3a0b4c1; it adds the two variants).",
+    "(the same library code as 3a0b4c1; it adds the two variants); then, read after them with the same criterion, "
+    "class-mean feedback with every base image in the adapter's pool (`alignment_threshold=0`: the class means need "
+    "no trained client), measured at commit 38cd9c4 (the same library code again).",
 )
 
 
