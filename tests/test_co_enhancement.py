@@ -358,3 +358,25 @@ def test_weighted_denoising_weightings_by_hand():
     for weighting, weights in expected.items():
         loss = WeightedDenoisingLoss(WeightedDenoisingLoss.Config(threshold=0.5, weighting=weighting))
         np.testing.assert_allclose(loss.weights(batch), weights, atol=1e-12)
+
+
+def test_the_feedback_warmup_fine_tunes_on_every_pair_counted_aligned_then_the_clients_filter(tmp_path, monkeypatch):
+    """Round 1 of a one-round warm-up: the adapter sees each pair with its prompt's one-hot (a_j = 1, all kept
+    at threshold 0.5); round 2: the replayed round-1 pairs carry their real soft labels again, so they are filtered."""
+    from test_inversion import spy_on_the_generator
+
+    _, trained = spy_on_the_generator(monkeypatch)
+    overrides = ["algorithm.params.feedback_warmup_rounds=1", 'alignment_losses=[{"name": "weighted-denoising"}]']
+    Runner(parse_recipe(RECIPE, overrides=overrides), tmp_path / "warm").run()
+    first, second = trained
+    np.testing.assert_array_equal(first.soft_labels, np.eye(10, dtype=np.float32)[first.class_ids])
+    replayed = second.subset(np.arange(len(first)))
+    np.testing.assert_array_equal(replayed.images, first.images)  # the replay: round 1's pairs, first
+    assert not np.array_equal(replayed.soft_labels, first.soft_labels)  # ...with the clients' real verdict
+    assert np.all(np.isclose(replayed.soft_labels.sum(axis=1), 1.0, atol=1e-3))
+
+    trained.clear()
+    Runner(parse_recipe(RECIPE, overrides=overrides[1:]), tmp_path / "cold").run()
+    np.testing.assert_array_equal(trained[0].images, first.images)  # the same pairs, warm-up or not
+    np.testing.assert_array_equal(trained[1].soft_labels[: len(first)], replayed.soft_labels)
+    assert not np.array_equal(trained[0].soft_labels, first.soft_labels)

@@ -233,7 +233,9 @@ class FedMMKT(Algorithm):
         scored = batch if cfg.fine_tune_on == "all" else batch.subset(np.flatnonzero(from_base))
         seen = scored if self.replay is None else concatenate(self.replay, scored)
         if self.update_generator:
-            training = self.generator_training_batch(ctx, seen, round_index)
+            fresh = scored if round_index >= cfg.feedback_warmup_rounds else counted_aligned(scored)
+            pool = fresh if self.replay is None else concatenate(self.replay, fresh)
+            training = self.generator_training_batch(ctx, pool, round_index)
             with ctx.phase("generator_update"):
                 update = generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
                 metrics.update(check_metrics(update, f"generator '{ctx.recipe.generator.name}'"))  # type: ignore[union-attr]
@@ -376,9 +378,7 @@ class FedMMKT(Algorithm):
                 active |= np.asarray(loss.active(seen), bool)
         rng = np.random.default_rng(ctx.seed_for("control", round_index))
         chosen = np.sort(rng.choice(len(seen), size=int(active.sum()), replace=False))
-        picked = seen.subset(chosen)
-        one_hot = np.eye(ctx.task.num_classes, dtype=np.float32)[picked.class_ids]
-        return AlignmentBatch(picked.images, picked.prompts, picked.class_ids, one_hot, self.class_prompts)
+        return counted_aligned(seen.subset(chosen))
 
     def _feedback_request(self, class_ids: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
         return feedback_request(self.config, self.asks_inversion, self.asks_class_means, class_ids)
@@ -496,3 +496,9 @@ def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch
         np.concatenate([first.soft_labels, second.soft_labels]),
         second.class_prompts,
     )
+
+
+def counted_aligned(batch: AlignmentBatch) -> AlignmentBatch:
+    """``batch`` with every pair's soft label the one-hot of its prompt's class (a_j = 1): every pair kept."""
+    one_hot = np.eye(batch.soft_labels.shape[1], dtype=np.float32)[batch.class_ids]
+    return AlignmentBatch(batch.images, batch.prompts, batch.class_ids, one_hot, batch.class_prompts)

@@ -119,6 +119,17 @@ class FedMMKTConfig(ComponentConfig):
         description="class-mean feedback: a client withholds a class with fewer images (and never averages fewer than "
         "10, whatever a server asks)",
     )
+    feedback_warmup_rounds: int = Field(
+        0,
+        ge=0,
+        le=1_000,
+        description="for this many first rounds the adapter is fine-tuned on every one of the round's pairs it would "
+        "otherwise filter, each counted aligned with its prompt (soft label = the prompt's one-hot): untrained "
+        "clients recognise few images, so the clients' filter leaves the adapter almost nothing to learn from early "
+        "on (with class_mean_shift the pairs are the base's images moved to the federation's class means, which "
+        "need no trained client). The replay buffer keeps the pairs' real soft labels, so later rounds filter them. "
+        "0: the clients' filter from the first round",
+    )
     evaluate_generator: bool = Field(True, description="CAS and Fréchet distance of the generator every round")
     eval_samples_per_class: int = Field(30, ge=2, le=10_000, description="images per class for CAS / Fréchet distance")
     grid_columns: int = Field(8, ge=1, description="images per class row in the sample grid PNGs")
