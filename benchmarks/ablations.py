@@ -27,6 +27,8 @@ DEMO_SELECTION = [
     "algorithm.params.transfer_selection=disagreement",
     "generator.params.guidance_scale=1.5",
 ]
+# class-mean feedback whose adapter trains on every (moved) base image in round 1, counted aligned with its prompt
+WARMUP_CLASS_MEANS = ["algorithm.params.class_mean_shift=1.0", "algorithm.params.feedback_warmup_rounds=1"]
 VARIANTS: dict[str, list[str]] = {
     "fedmmkt": [],
     "feddf": ["algorithm.name=feddf"],
@@ -193,8 +195,12 @@ VARIANTS: dict[str, list[str]] = {
                     'alignment_losses=[{"name": "weighted-denoising", "params": {"threshold": 0.0}}]',
                 ],
             ),
+            # ... which made it learn the base's mistakes: every base image (moved to the class means) in round 1
+            # only, the clients' filter from round 2
+            ("class_means=1.0,feedback_warmup=1,", WARMUP_CLASS_MEANS),
         )
     },
+    "class_means=1.0,feedback_warmup=1": WARMUP_CLASS_MEANS,
 }
 # variants that also change every client group's parameters (merged into each group of the client set)
 CLIENT_PARAMS: dict[str, dict[str, Any]] = {v: {"epoch_steps": "longer"} for v in VARIANTS if "epoch_steps=longer" in v}
