@@ -508,7 +508,13 @@ DEMO_CLASS_MEANS_STUDY = (
     "also returns the mean image of each class it holds at least 20 images of; the adapter fine-tunes on the base's "
     "images moved to the federation's class means) and the recipe's frozen arm. Exploration with a criterion written "
     "before any seed (a lead if the loop's mean is at least +2 points with its interval above 0); not met, the demo "
-    "recipe does not take it. Measured at commit b11f1fa (seeds 0–2 in one session, 3–4 in the next).",
+    "recipe does not take it. Measured at commit b11f1fa (seeds 0–2 in one session, 3–4 in the next). Two arms "
+    "added later, measured at commit f586cb7 (its frozen arm's seed 0, re-run there, gave the same accuracy every "
+    "round): class-mean feedback with a one-round feedback warm-up (`feedback_warmup=1`: in round 1 the adapter "
+    "fine-tunes on every base image moved to the class means, counted aligned with its prompt; from round 2 the "
+    "clients' filter), with its own criterion written before its first seed (a lead at ≥ +2 with the interval "
+    "above 0), and the pooled-real ceiling generator, a diagnostic of the room a perfect generator has at the "
+    "recipe's epochs (no choice rests on it).",
 )
 
 
@@ -531,7 +537,12 @@ EPOCH_STEPS_STUDY = (
     "with the adapter supplying three quarters of the candidates (`base_fraction=0.25`), measured at commit a5c8ddd "
     "(the same library code as 3a0b4c1; it adds the two variants); then, read after them with the same criterion, "
     "class-mean feedback with every base image in the adapter's pool (`alignment_threshold=0`: the class means need "
-    "no trained client), measured at commit 38cd9c4 (the same library code again).",
+    "no trained client), measured at commit 38cd9c4 (the same library code again); then, with the same criterion "
+    "and a check of the timing reading, class-mean feedback with a one-round feedback warm-up (`feedback_warmup=1`: "
+    "every moved base image in round 1, counted aligned, the clients' filter from round 2), measured at commit "
+    "f586cb7 (library code = 3a0b4c1's plus a tidy that keeps the clients' batches, and the warm-up option, off by "
+    "default: the arm's first two rounds, before any generator update reaches the clients, equal the frozen arm's "
+    "accuracy on every seed).",
 )
 
 
