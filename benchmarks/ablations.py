@@ -198,6 +198,11 @@ VARIANTS: dict[str, list[str]] = {
             # ... which made it learn the base's mistakes: every base image (moved to the class means) in round 1
             # only, the clients' filter from round 2
             ("class_means=1.0,feedback_warmup=1,", WARMUP_CLASS_MEANS),
+            # a perfect adapter under the recipe's mix: the ceiling draws only the adapter's half of the candidates
+            (
+                "ceiling-generator,ceiling_images=adapter-share,",
+                ["algorithm.name=fedmmkt-ceiling-generator", "algorithm.params.ceiling_images=adapter-share"],
+            ),
         )
     },
     "class_means=1.0,feedback_warmup=1": WARMUP_CLASS_MEANS,

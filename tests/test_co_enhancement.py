@@ -380,3 +380,22 @@ def test_the_feedback_warmup_fine_tunes_on_every_pair_counted_aligned_then_the_c
     np.testing.assert_array_equal(trained[0].images, first.images)  # the same pairs, warm-up or not
     np.testing.assert_array_equal(trained[1].soft_labels[: len(first)], replayed.soft_labels)
     assert not np.array_equal(trained[0].soft_labels, first.soft_labels)
+
+
+def test_the_ceiling_at_the_adapter_s_share_draws_the_rest_from_the_frozen_base(tmp_path):
+    recipe = parse_recipe(
+        RECIPE.replace(
+            "name: fedmmkt, params: {",
+            "name: fedmmkt-ceiling-generator, params: {ceiling_images: adapter-share, base_fraction: 0.5, ",
+        )
+    )
+    Runner(recipe, tmp_path / "run").run()
+    rows = _rows(tmp_path / "run")
+    assert all(2 * row["adapter_images"] == row["synthetic_images"] for row in rows)  # half the base's
+    assert rows[0]["generator_pool"] == len(load_data_train(recipe))  # the adapter still learns the pooled images
+    with pytest.raises(RecipeError, match="ceiling_images"):
+        parse_recipe(
+            RECIPE.replace(
+                "name: fedmmkt, params: {", "name: fedmmkt-ceiling-generator, params: {ceiling_images: some, "
+            )
+        )

@@ -12,16 +12,32 @@ Pooling breaks the privacy contract by construction: this algorithm reads the cl
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from fedmmkt_plugins.algorithms.fedmmkt import FedMMKT
+from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
+from pydantic import Field
 
 from fedmmkt_core.interfaces import AlignmentBatch
 from fedmmkt_core.loading import load_data
 from fedmmkt_core.server.context import ServerContext
 
 
+class CeilingGeneratorConfig(FedMMKTConfig):
+    ceiling_images: Literal["all", "adapter-share"] = Field(
+        "all",
+        description="all: every transfer image is the ceiling generator's (the upper bound of the loop at the same "
+        "transfer-set size); adapter-share: only the adapter's share of them (base_fraction, or transfer_policy "
+        "judged, as in FedMMKT), the rest the frozen base's: what a perfect adapter gives under the recipe's mix",
+    )
+
+
 class FedMMKTCeilingGenerator(FedMMKT):
     """FedMMKT's clients distilling on images of a generator fine-tuned on the pooled real client images."""
+
+    Config = CeilingGeneratorConfig
+    config: CeilingGeneratorConfig
 
     def setup(self, ctx: ServerContext) -> None:
         super().setup(ctx)
@@ -40,9 +56,13 @@ class FedMMKTCeilingGenerator(FedMMKT):
         return False  # the adapter trains on the pooled real images, never on the clients' moved ones
 
     def generator_requirements(self) -> dict[str, str]:
+        if self.config.ceiling_images == "adapter-share":
+            return super().generator_requirements()
         return {}  # every transfer image is the adapted generator's
 
     def base_mask(self, class_ids: np.ndarray) -> np.ndarray:
+        if self.config.ceiling_images == "adapter-share":
+            return super().base_mask(class_ids)
         return np.zeros(len(class_ids), bool)
 
     def generator_training_batch(self, ctx: ServerContext, seen: AlignmentBatch, round_index: int) -> AlignmentBatch:
