@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from fedmmkt_plugins.aggregators.kd import KDAggregator
+from fedmmkt_plugins.algorithms.batches import concatenate, counted_aligned
 from fedmmkt_plugins.algorithms.fedmmkt_config import FedMMKTConfig
 from fedmmkt_plugins.algorithms.feedback import check_feedback, feedback_request, fine_tune_images, privacy_issues
 from fedmmkt_plugins.algorithms.hardness import disagreement, entropy
@@ -486,19 +487,3 @@ def mean_train_loss(replies: dict[int, Message]) -> dict[str, float]:
     """``train_loss``: the clients' mean reported loss (absent when every client withheld it, as under DP)."""
     losses = [float(r.config["loss"]) for r in replies.values() if "loss" in r.config]
     return {"train_loss": float(np.mean(losses))} if losses else {}
-
-
-def concatenate(first: AlignmentBatch, second: AlignmentBatch) -> AlignmentBatch:
-    return AlignmentBatch(
-        np.concatenate([first.images, second.images]),
-        first.prompts + second.prompts,
-        np.concatenate([first.class_ids, second.class_ids]),
-        np.concatenate([first.soft_labels, second.soft_labels]),
-        second.class_prompts,
-    )
-
-
-def counted_aligned(batch: AlignmentBatch) -> AlignmentBatch:
-    """``batch`` with every pair's soft label the one-hot of its prompt's class (a_j = 1): every pair kept."""
-    one_hot = np.eye(batch.soft_labels.shape[1], dtype=np.float32)[batch.class_ids]
-    return AlignmentBatch(batch.images, batch.prompts, batch.class_ids, one_hot, batch.class_prompts)
