@@ -542,7 +542,9 @@ EPOCH_STEPS_STUDY = (
     "every moved base image in round 1, counted aligned, the clients' filter from round 2), measured at commit "
     "f586cb7 (library code = 3a0b4c1's plus a tidy that keeps the clients' batches, and the warm-up option, off by "
     "default: the arm's first two rounds, before any generator update reaches the clients, equal the frozen arm's "
-    "accuracy on every seed).",
+    "accuracy on every seed). Last, a diagnostic (no choice rests on it): the pooled-real ceiling drawing only the "
+    "adapter's half of the candidates, the frozen base the rest (`ceiling_images=adapter-share`), measured at commit "
+    "832d5c2: what a perfect adapter gives under the recipe's mix.",
 )
 
 
