@@ -234,8 +234,10 @@ class FedMMKT(Algorithm):
         scored = batch if cfg.fine_tune_on == "all" else batch.subset(np.flatnonzero(from_base))
         seen = scored if self.replay is None else concatenate(self.replay, scored)
         if self.update_generator:
-            fresh = scored if round_index >= cfg.feedback_warmup_rounds else counted_aligned(scored)
-            pool = fresh if self.replay is None else concatenate(self.replay, fresh)
+            pool = seen
+            if round_index < cfg.feedback_warmup_rounds:  # pairs counted aligned; the replay keeps their verdict
+                fresh = counted_aligned(scored)
+                pool = fresh if self.replay is None else concatenate(self.replay, fresh)
             training = self.generator_training_batch(ctx, pool, round_index)
             with ctx.phase("generator_update"):
                 update = generator.fine_tune(training, ctx.alignment_losses, ctx.seed_for("fine_tune", round_index))
